@@ -1,0 +1,46 @@
+"""MiniMax-M1 (40k/80k share one architecture): 456,089,655,296 parameters, 45.9B active.
+
+Values from the released config.json (shared/spec/architecture.md §2.2).
+"""
+
+import ml_collections
+
+from m1jax.model.config import hybrid_layer_types
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=200064,
+            hidden_size=6144,
+            num_layers=80,
+            num_heads=64,
+            num_kv_heads=8,
+            head_dim=128,
+            layer_types=hybrid_layer_types(80, period=8),  # 7 lightning, then 1 softmax
+            num_experts=32,
+            num_experts_per_tok=2,
+            intermediate_size=9216,
+            linear_attn_alpha=3.5565588200778455,  # (2 * 80) ** 0.25
+            linear_attn_beta=1.0,
+            full_attn_alpha=3.5565588200778455,
+            full_attn_beta=1.0,
+            mlp_alpha=3.5565588200778455,
+            mlp_beta=1.0,
+            postnorm=True,
+            rope_theta=10_000_000.0,
+            rotary_dim=64,  # half of each head rotates (original code / vLLM)
+            block_size=256,
+            rms_norm_eps=1e-5,
+            lightning_norm_eps=1e-6,
+            router_aux_loss_coef=0.001,
+            decay_convention="original",
+            max_position_embeddings=10_240_000,
+            dtype="bfloat16",
+            param_dtype="float32",
+            lm_head_fp32=True,
+            remat=True,
+        )
+    )
+    return c

@@ -1,0 +1,162 @@
+"""The MiniMax-M1 decoder: layers grouped by the repeating layer pattern and scanned.
+
+Layer l computes (spec §4.2, postnorm=True)::
+
+    a  = RMSNorm(x);   x1 = alpha_attn * a + beta_attn * Mixer_l(a)
+    b  = RMSNorm(x1);  x2 = alpha_mlp  * b + beta_mlp  * MoE(b)
+
+(postnorm=False uses x and x1 as the residuals instead of a and b, spec §4.3).
+
+Parameters of the ``period`` layers of one repeat of the pattern live in a ``Block``; ``repeats``
+copies of it are stacked on a leading axis and run with ``nnx.scan``, so an 80-layer model traces
+and compiles one 8-layer block. Layers that do not fill a whole repeat form an unscanned-size tail
+block (stacked with a leading axis of 1, same code path).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m1jax.model.attention import Attention
+from m1jax.model.config import FULL, LINEAR, ModelConfig
+from m1jax.model.layers import F32, HIGHEST, RMSNorm, dtype_of, param
+from m1jax.model.lightning import LightningAttention
+from m1jax.model.moe import MoE, RouterStats, load_balancing_loss
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [batch, seq, vocab] float32 when lm_head_fp32
+    aux_loss: jax.Array  # [] Switch load-balancing loss (unscaled; times router_aux_loss_coef in the loss)
+    router_stats: RouterStats  # per layer, leading axis [num_layers]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.layer_type = layer_type
+        pdt = dtype_of(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        if layer_type == LINEAR:
+            self.mixer = LightningAttention(cfg, rngs=rngs)
+            self.alpha, self.beta = cfg.linear_attn_alpha, cfg.linear_attn_beta
+        else:
+            self.mixer = Attention(cfg, rngs=rngs)
+            self.alpha, self.beta = cfg.full_attn_alpha, cfg.full_attn_beta
+        self.moe = MoE(cfg, rngs=rngs)
+
+    def __call__(self, x, decay_rate, positions, mask):
+        a = self.input_norm(x)
+        if self.layer_type == LINEAR:
+            m, _ = self.mixer(a, decay_rate, mask)
+        else:
+            m = self.mixer(a, positions, mask)
+        x1 = self.alpha * (a if self.cfg.postnorm else x) + self.beta * m
+        b = self.post_norm(x1)
+        y, stats = self.moe(b, mask)
+        x2 = self.cfg.mlp_alpha * (b if self.cfg.postnorm else x1) + self.cfg.mlp_beta * y
+        return x2.astype(x.dtype), stats
+
+
+class Block(nnx.Module):
+    """One repeat of the layer pattern: len(layer_types) consecutive layers."""
+
+    def __init__(self, cfg: ModelConfig, layer_types: tuple[str, ...], *, rngs: nnx.Rngs):
+        self.layer_types = layer_types
+        self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in layer_types])
+
+    def __call__(self, x, decay_rates, positions, mask):
+        """decay_rates: [len(layer_types), heads]. Returns (x, RouterStats stacked over the layers)."""
+        all_stats = []
+        for i, layer in enumerate(self.layers):
+            x, stats = layer(x, decay_rates[i], positions, mask)
+            all_stats.append(stats)
+        return x, jax.tree.map(lambda *s: jnp.stack(s), *all_stats)
+
+
+def _stacked_blocks(cfg: ModelConfig, layer_types, repeats: int, rngs: nnx.Rngs) -> Block:
+    @nnx.split_rngs(splits=repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return Block(cfg, layer_types, rngs=r)
+
+    return make(rngs)
+
+
+def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool):
+    """Scan x through stacked blocks. decay_rates: [repeats, period, heads]."""
+
+    def body(block, x, rates):
+        return block(x, rates, positions, mask)
+
+    if remat:
+        body = nnx.remat(body)
+    scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    x, stats = scan(blocks, x, decay_rates)
+    return x, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stats)  # [repeats*period, ...]
+
+
+class MiniMaxM1(nnx.Module):
+    """Hybrid lightning/softmax-attention MoE decoder with an untied (float32) LM head.
+
+    ``model(input_ids)`` -> logits [batch, seq, vocab]; ``model.forward(...)`` also returns the
+    load-balancing loss and per-layer router statistics.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt, std = dtype_of(cfg.param_dtype), cfg.initializer_range
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt, std=std)
+        period, repeats, tail = cfg.pattern
+        self.blocks = _stacked_blocks(cfg, period, repeats, rngs)
+        self.tail = _stacked_blocks(cfg, tail, 1, rngs) if tail else None
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt, std=std)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        return self.forward(input_ids, attention_mask, positions).logits
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None):
+        """Final-normed hidden states [batch, seq, hidden] and per-layer RouterStats."""
+        cfg = self.cfg
+        b, t = input_ids.shape
+        dt = dtype_of(cfg.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed[...][input_ids].astype(dt)
+        rates = jnp.asarray(cfg.decay_rates(), F32)  # [L, H]
+        period, repeats, tail = cfg.pattern
+        n = repeats * len(period)
+        x, stats = _run_stacked(
+            self.blocks, x, rates[:n].reshape(repeats, len(period), -1), positions, attention_mask, cfg.remat
+        )
+        if self.tail is not None:
+            x, tail_stats = _run_stacked(self.tail, x, rates[n:][None], positions, attention_mask, cfg.remat)
+            stats = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), stats, tail_stats)
+        return self.final_norm(x), stats
+
+    def logits(self, h):
+        """LM head; float32 when cfg.lm_head_fp32 (the paper's fix for train/inference mismatch)."""
+        w = self.lm_head[...]
+        if self.cfg.lm_head_fp32:
+            return jnp.dot(h.astype(F32), w.astype(F32), precision=HIGHEST)
+        return (h @ w.astype(h.dtype)).astype(F32)
+
+    def forward(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
+        """input_ids [batch, seq] int; attention_mask optional [batch, seq] (1 = token);
+        positions optional [batch, seq] (default arange, as transformers)."""
+        h, stats = self.hidden_states(input_ids, attention_mask, positions)
+        return ModelOutput(self.logits(h), load_balancing_loss(stats, self.cfg.num_experts), stats)
+
+
+def layer_index(cfg: ModelConfig, l: int) -> tuple[str, int, int]:
+    """Where global layer l lives: ("blocks" | "tail", stack index, slot within the block)."""
+    period, repeats, _ = cfg.pattern
+    p = len(period)
+    if l < repeats * p:
+        return "blocks", l // p, l % p
+    return "tail", 0, l - repeats * p

@@ -1,0 +1,46 @@
+"""Lightning attention mixer (spec §5): SiLU(qkv) head-major, decayed linear attention, RMSNorm
+over all heads, sigmoid output gate from the layer input. Computed in float32 from SiLU onward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas import lightning_attention
+from m1jax.model.config import ModelConfig
+from m1jax.model.layers import F32, dtype_of, param, rms_norm
+
+
+class LightningAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+        pdt, std = dtype_of(cfg.param_dtype), cfg.initializer_range
+        # qkv output channels are head-major: [head][q|k|v][head_dim] (spec §5.1).
+        self.qkv = param(rngs, (d, 3 * hd), ("embed", "qkv"), pdt, std=std)
+        self.gate = param(rngs, (d, hd), ("embed", "heads_x_dim"), pdt, std=std)
+        self.out = param(rngs, (hd, d), ("heads_x_dim", "embed"), pdt, std=std)
+        self.norm = param(None, (hd,), ("heads_x_dim",), pdt, ones=True)
+
+    def __call__(self, a, decay_rate, mask=None, state=None):
+        """a: [batch, seq, hidden] (normed layer input); decay_rate: sigma [heads] float32;
+        mask: optional [batch, seq] (1 = token, 0 = padding); state: optional [batch, heads, d, d].
+
+        Returns (out [batch, seq, hidden], final state [batch, heads, d, d] float32).
+        """
+        cfg = self.cfg
+        b, t, _ = a.shape
+        h, d = cfg.num_heads, cfg.head_dim
+        dt = a.dtype
+        u = jax.nn.silu((a @ self.qkv[...].astype(dt)).astype(F32))  # [B, T, 3*H*d]
+        if mask is not None:  # padded tokens contribute nothing to the state
+            u = u * mask[:, :, None].astype(F32)
+        u = u.reshape(b, t, h, 3 * d)
+        q, k, v = u[..., :d], u[..., d : 2 * d], u[..., 2 * d :]
+        o, state = lightning_attention(
+            q, k, v, decay_rate, state, block_size=cfg.block_size, impl=cfg.lightning_impl
+        )
+        y = rms_norm(o.reshape(b, t, h * d), self.norm[...].astype(F32), cfg.lightning_norm_eps)
+        y = jax.nn.sigmoid((a @ self.gate[...].astype(dt)).astype(F32)) * y
+        return y.astype(dt) @ self.out[...].astype(dt), state

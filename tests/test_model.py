@@ -1,0 +1,124 @@
+"""MiniMaxM1 against an independent float64 numpy model, config validation, real-size structure."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m1jax import ConfigError, MiniMaxM1, ModelConfig, hybrid_layer_types
+from m1jax.configs import load_config_file, model_config
+from m1jax.model.layers import apply_rope
+from tests import np_reference
+
+LIN, FULL = "linear_attention", "full_attention"
+
+
+def small_config(**kw):
+    base = dict(
+        vocab_size=97, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+        layer_types=(LIN, LIN, FULL, LIN), num_experts=4, num_experts_per_tok=2, intermediate_size=24,
+        rotary_dim=4, block_size=3, linear_attn_alpha=1.3, full_attn_alpha=1.6, mlp_alpha=1.2,
+        linear_attn_beta=0.9, full_attn_beta=1.1, mlp_beta=0.7, initializer_range=0.3,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # partial RoPE (4 of 8 channels), original decay convention, 3-token blocks over 10 tokens
+        {"postnorm": False},
+        {"num_heads": 6, "num_kv_heads": 3, "decay_convention": "original"},  # ALiBi-interpolated slopes
+        {"num_heads": 6, "num_kv_heads": 2, "decay_convention": "hf", "rotary_dim": 8},
+        {"layer_types": (LIN, FULL) * 3 + (LIN,), "num_layers": 7},  # scanned repeats plus a tail
+    ],
+    ids=["base", "prenorm", "alibi6", "hf6", "tail"],
+)
+def test_matches_float64_numpy_model(kw):
+    cfg = small_config(**kw)
+    model = MiniMaxM1(cfg, rngs=nnx.Rngs(3))
+    # Norm weights away from 1 so a missing weight multiply would show.
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if "norm" in str(path[-2:]):
+            var.set_value(var.get_value() * (1 + 0.3 * jax.random.normal(jax.random.key(len(path)), var.shape)))
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 10))
+    got = np.asarray(model(jnp.asarray(ids)))
+    ref = np_reference.forward(cfg, *np_reference.params_from_model(model), ids)
+    assert ref.std() > 0.5
+    np.testing.assert_allclose(got, ref, atol=2e-4 * ref.std(), rtol=0)
+
+
+def test_partial_rope_matches_complex_rotation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 3, 16))
+    pos = rng.integers(0, 1000, size=(2, 5))
+    for r in (16, 8, 2):
+        got = np.asarray(apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), r, 10_000.0))
+        ref = np_reference.rope(x, pos.astype(np.float64), r, 10_000.0)
+        np.testing.assert_allclose(got, ref, atol=2e-4)  # fp32 angles up to 1000 rad
+        np.testing.assert_array_equal(got[..., r:], x[..., r:].astype(np.float32))
+
+
+def test_real_config_parameter_count():
+    cfg = model_config(load_config_file("configs/minimax_m1.py"))
+    assert cfg.pattern == ((LIN,) * 7 + (FULL,), 10, ())
+    assert cfg.param_count() == 456_089_655_296
+    abstract = nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(0)))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert n == 456_089_655_296
+
+
+def test_real_config_decay_examples():
+    sig = model_config(load_config_file("configs/minimax_m1.py")).decay_rates()
+    assert abs(np.exp(-sig[0, 0]) - 0.3997) < 1e-4  # spec §5.2 examples
+    assert abs(np.exp(-sig[78, 63]) - 0.99995) < 1e-5
+
+
+def _hlo_size(num_layers):
+    cfg = small_config(num_layers=num_layers, layer_types=hybrid_layer_types(num_layers, 8), rotary_dim=8)
+    model = nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))
+    return len(fn.lower(state, jax.ShapeDtypeStruct((1, 8), jnp.int32)).as_text())
+
+
+def test_layers_are_scanned():
+    # 80 layers trace to (about) the same program as 8: one scanned block of the pattern.
+    assert _hlo_size(80) < 1.05 * _hlo_size(8)
+
+
+def test_tiny_config_builds():
+    cfg = model_config(load_config_file("configs/tiny.py"))
+    assert cfg.pattern == ((LIN,) * 7 + (FULL,), 1, ())
+    assert 15.0e6 < cfg.param_count() < 15.6e6  # the calibration model of spec/calibration.md
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"num_heads": 4, "num_kv_heads": 3}, ["num_kv_heads", "not divisible"]),
+        ({"rotary_dim": 5}, ["rotary_dim", "even"]),
+        ({"rotary_dim": 16}, ["rotary_dim", "exceeds head_dim"]),
+        ({"layer_types": (LIN, "mamba", FULL, LIN)}, ["layer_types", "mamba"]),
+        ({"layer_types": (LIN, FULL)}, ["layer_types", "num_layers=4"]),
+        ({"num_experts_per_tok": 5}, ["num_experts_per_tok"]),
+        ({"dtype": "float64"}, ["dtype"]),
+        ({"decay_convention": "vllm"}, ["decay_convention"]),
+    ],
+)
+def test_config_errors_name_the_key(kw, words):
+    with pytest.raises(ConfigError) as e:
+        small_config(**kw)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = dataclasses.asdict(small_config())
+    d["num_expert"] = 3
+    with pytest.raises(ConfigError, match="num_expert"):
+        ModelConfig.from_dict(d)
