@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ def bench(fn, *args, reps=5, min_time=0.2):
     return min(times), statistics.median(times)
 
 
-def flops(kind, t, d, c=256):
+def flops(kind, t, d, c):
     """Algorithmic FLOPs of one head: chunked 2Cd+2Cd+4d^2 per token; naive 4T^2 d; sequential 4d^2."""
     if kind == "chunked":
         return t * (4 * min(c, t) * d + 4 * d * d)
@@ -64,17 +63,17 @@ def inputs(b, t, h, d, dtype, seed=0):
 
 def cpu_main(args):
     b, h, d = 1, args.heads, args.head_dim
-    print(f"CPU ({jax.devices()[0].device_kind}), batch {b}, heads {h}, head_dim {d}, fp32, "
+    print(f"CPU ({jax.devices()[0].device_kind}), batch {b}, heads {h}, head_dim {d}, chunk {args.chunk}, fp32, "
           f"loadavg {os.getloadavg()[0]:.2f}")
     impls = {
-        "chunked": jax.jit(lambda q, k, v, s: lightning_attention(q, k, v, s, block_size=256, impl="xla")),
+        "chunked": jax.jit(lambda q, k, v, s: lightning_attention(q, k, v, s, block_size=args.chunk, impl="xla")),
         "naive": jax.jit(lightning_attention_naive),
         "sequential": jax.jit(lightning_attention_sequential),
     }
-    limits = {"chunked": 131072, "naive": 16384, "sequential": 32768}
+    limits = {"chunked": 131072, "naive": 8192, "sequential": 32768}
     print(f"{'T':>7} | " + " | ".join(f"{n:>24}" for n in impls) + " | chunked vs naive, vs seq")
     print(f"{'':>7} | " + " | ".join(f"{'us/token   GFLOP/s':>24}" for _ in impls))
-    base = None
+    per_token = {}
     for t in [1024, 2048, 4096, 8192, 16384, 32768, 131072]:
         q, k, v, s = inputs(b, t, h, d, jnp.float32)
         row, per = [], {}
@@ -84,26 +83,36 @@ def cpu_main(args):
                 continue
             best, _ = bench(fn, q, k, v, s, reps=3)
             per[name] = best
-            gfs = flops(name, t, d) * b * h / best / 1e9
+            gfs = flops(name, t, d, args.chunk) * b * h / best / 1e9
             row.append(f"{best / t * 1e6:>11.3f} {gfs:>12.1f}")
         ratio = " ".join(f"{per[n] / per['chunked']:.1f}x" if n in per else "-" for n in ("naive", "sequential"))
         print(f"{t:>7} | " + " | ".join(row) + f" | {ratio}")
-        base = base or per["chunked"] / t
-        if t == 131072:
-            print(f"chunked time/token at T=128K vs T=1K: {per['chunked'] / t / base:.2f}x (flat = 1.0)")
-    # 1M tokens: state passing keeps memory linear in T (no T x T matrix anywhere).
+        per_token[t] = {n: v / t for n, v in per.items()}
+    growth = lambda n, a, b: per_token[b][n] / per_token[a][n]  # noqa: E731
+    print(f"time/token growth, chunked: 1K->8K {growth('chunked', 1024, 8192):.2f}x, 8K->128K "
+          f"{growth('chunked', 8192, 131072):.2f}x (16x longer); naive 1K->8K {growth('naive', 1024, 8192):.1f}x; "
+          f"sequential 1K->32K {growth('sequential', 1024, 32768):.2f}x")
+    x = jnp.ones((1 << 26,), jnp.float32)
+    bw = 2 * x.nbytes / bench(jax.jit(lambda x: x * 2.0), x, reps=5)[0] / 1e9
+    print(f"(DRAM bandwidth of this machine, read+write of 256 MiB: {bw:.1f} GB/s; q,k,v,o fall out of cache "
+          f"beyond ~4K tokens here, which is the step in every column)")
+    # 1M tokens: state passing keeps memory linear in T (no T x T matrix anywhere). XLA's buffer
+    # assignment gives the exact bytes the compiled program needs beyond its inputs.
+    fn = jax.jit(lambda q, k, v, s: lightning_attention(q, k, v, s, block_size=args.chunk, impl="xla"))
+    print(f"\nmemory of the compiled forward (heads {args.long_heads}, head_dim {d}):")
+    for t in (args.long // 16, args.long // 4, args.long):
+        shapes = [jax.ShapeDtypeStruct((1, t, args.long_heads, d), jnp.float32)] * 3
+        ma = fn.lower(*shapes, jax.ShapeDtypeStruct((args.long_heads,), jnp.float32)).compile().memory_analysis()
+        extra = ma.temp_size_in_bytes + ma.output_size_in_bytes
+        print(f"  T={t:>8}: outputs+temporaries {extra / 2**20:8.1f} MiB = {extra / t:.0f} bytes/token "
+              f"(inputs {ma.argument_size_in_bytes / 2**20:.0f} MiB)")
     t = args.long
     q, k, v, s = inputs(1, t, args.long_heads, d, jnp.float32)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fn = jax.jit(lambda q, k, v, s: lightning_attention(q, k, v, s, block_size=256, impl="xla"))
     t0 = time.perf_counter()
     o, st = jax.block_until_ready(fn(q, k, v, s))
     dt = time.perf_counter() - t0
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    io_mb = 4 * q.size * 4 / 2**20
-    print(f"\n1M-token forward: T={t}, heads {args.long_heads}, head_dim {d}: {dt:.1f}s incl. compile, "
-          f"{dt / t * 1e6:.2f} us/token; peak RSS {rss1:.0f} MiB (grew {rss1 - rss0:.0f} MiB while q,k,v,o "
-          f"take {io_mb:.0f} MiB); a T x T score matrix would need {t * t * 4 / 2**40:.1f} TiB per head.")
+    print(f"1M-token forward ran: T={t}, {dt:.1f}s incl. compile ({dt / t * 1e6:.2f} us/token); "
+          f"a T x T score matrix would need {t * t * 4 / 2**40:.1f} TiB per head.")
     assert np.isfinite(np.asarray(o[0, -1])).all()
 
 
@@ -142,13 +151,13 @@ def gpu_main(args):
 
     print(f"{'B x T x H':>16} | {'pallas fwd':>10} {'xla fwd':>9} {'fla fwd':>9} | {'pallas f+b':>10} {'xla f+b':>9} "
           f"{'fla f+b':>9} | xla/pallas fwd, fla/pallas fwd, xla/pallas f+b, fla/pallas f+b   (ms)")
-    for b, t, h in [(8, 1024, 16), (4, 4096, 16), (2, 8192, 32), (1, 32768, 32), (1, 65536, 64)]:
+    for b, t, h in args.gpu_shapes:
         q, k, v, s = inputs(b, t, h, d, jnp.bfloat16)
         res = {}
         for name, fn in jax_fns.items():
             res[name + "_f"] = bench(jax.jit(fn), q, k, v, s, reps=10)[0]
             res[name + "_fb"] = bench(fwd_bwd(fn), q, k, v, s, reps=10)[0]
-        tq, tk, tv = (torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().bfloat16() for x in (q, k, v))
+        tq, tk, tv = (torch.from_numpy(np.array(x.astype(jnp.float32))).cuda().bfloat16() for x in (q, k, v))
         g = -torch.from_numpy(np.asarray(s)).cuda().float()
         f = lambda: chunk_simple_gla(tq, tk, tv, g_gamma=g, scale=1.0, output_final_state=True)  # noqa: E731
         o_fla, st_fla = f()
@@ -177,9 +186,13 @@ if __name__ == "__main__":
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head_dim", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=64, help="block size of the XLA chunked path")
     p.add_argument("--long", type=int, default=1 << 20)
     p.add_argument("--long_heads", type=int, default=2)
+    p.add_argument("--gpu_shapes", default="8x1024x16,4x4096x16,2x8192x32,1x32768x32",
+                   help="comma-separated BATCHxSEQxHEADS for --gpu")
     a = p.parse_args()
+    a.gpu_shapes = [tuple(int(x) for x in s.split("x")) for s in a.gpu_shapes.split(",")]
     if a.gpu and a.head_dim == 64:
         a.head_dim = 128
     gpu_main(a) if a.gpu else cpu_main(a)

@@ -122,3 +122,26 @@ def test_from_dict_rejects_unknown_keys():
     d["num_expert"] = 3
     with pytest.raises(ConfigError, match="num_expert"):
         ModelConfig.from_dict(d)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Pallas kernels need a GPU")
+def test_model_with_pallas_kernel_matches_xla_on_gpu():
+    cfg = small_config(head_dim=16, num_layers=8, layer_types=hybrid_layer_types(8, 4), rotary_dim=16)
+    model = MiniMaxM1(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 77)))
+
+    def run(impl):
+        m = MiniMaxM1(cfg.replace(lightning_impl=impl), rngs=nnx.Rngs(0))
+        nnx.update(m, nnx.state(model))
+
+        def loss(m):
+            return jnp.mean(jax.nn.log_softmax(m(ids)) ** 2)
+
+        val, grads = nnx.jit(nnx.value_and_grad(loss))(m)
+        return np.asarray(m(ids)), val, grads
+
+    lp, vp, gp = run("pallas")
+    lx, vx, gx = run("xla")
+    np.testing.assert_allclose(lp, lx, atol=1e-4 * np.abs(lx).max())
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * (np.abs(b).max() + 1e-12))

@@ -3,7 +3,9 @@
 impl:
   "xla"     the pure-jnp chunked form (any backend; CPU default).
   "pallas"  the Pallas kernels: Triton-lowered on GPU, Mosaic on TPU. On CPU they run only with
-            ``interpret=True`` (tests), choosing the variant with ``pallas_backend``.
+            ``interpret=True`` (tests), choosing the variant with ``pallas_backend``; naming
+            ``pallas_backend`` without interpret lowers that variant for ahead-of-time compilation
+            (e.g. for a TPU topology from a CPU host).
   "auto"    "pallas" on GPU/TPU when the shapes suit the kernel, else "xla".
 """
 
@@ -40,7 +42,7 @@ def _pick(impl: str, dk: int, dv: int, interpret: bool, pallas_backend: str | No
         if backend == "gpu" and not (_pow2(dk) and _pow2(dv)):
             return None  # Triton tiles need power-of-two head dims >= 16
         return backend
-    if platform == "cpu" and not interpret:
+    if platform == "cpu" and not interpret and pallas_backend is None:
         raise ValueError(
             "impl='pallas' on CPU needs interpret=True (Pallas kernels only run interpreted on CPU); "
             "use impl='xla' or 'auto' for the fast CPU path."

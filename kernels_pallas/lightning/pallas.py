@@ -53,16 +53,21 @@ def _decays(sigma, valid, c: int):
     return d, gq, gk, jnp.exp(-sigma * valid.astype(F32))
 
 
+def _prec(a):
+    # fp32 operands: full fp32 products (no TF32 / bf16 passes); bf16: native MMA precision.
+    return HIGHEST if a.dtype == F32 else None
+
+
 def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=F32, precision=HIGHEST)
+    return jnp.dot(a, b, preferred_element_type=F32, precision=_prec(a))
 
 
 def _dot_t(a, b):  # a @ b^T
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32, precision=HIGHEST)
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32, precision=_prec(a))
 
 
 def _t_dot(a, b):  # a^T @ b
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32, precision=HIGHEST)
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32, precision=_prec(a))
 
 
 def _fwd_chunk(q, k, v, s, sigma, valid, c):

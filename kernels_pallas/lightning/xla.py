@@ -28,26 +28,31 @@ F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _block(state, q, k, v, sigma, m: int):
-    """One block of m tokens. q, k: [B, H, m, dk]; v: [B, H, m, dv]; state: [B, H, dk, dv] f32.
+def _decay_factors(sigma, m: int):
+    """Decay tables for a block of m tokens (loop-invariant: computed once, outside the scan).
 
-    sigma: [H] f32. Returns (state_next, out [B, H, m, dv] f32).
+    Returns intra [H, m, m] (lam^(j-t) on and below the diagonal), q_decay [H, m] (lam^(j+1)),
+    k_decay [H, m] (lam^(m-1-t)) and block_decay [H] (lam^m).
     """
     idx = jnp.arange(m, dtype=F32)
     sig = sigma[:, None]  # [H, 1]
     diff = idx[:, None] - idx[None, :]  # [m, m], j - t
     # exp of a clamped exponent so that neither the value nor its gradient sees exp(+large).
-    intra_decay = jnp.where(diff >= 0, jnp.exp(-sig[:, :, None] * jnp.maximum(diff, 0.0)), 0.0)  # [H,m,m]
-    scores = jnp.einsum("bhjd,bhtd->bhjt", q, k, preferred_element_type=F32, precision=HIGHEST)
-    o_intra = jnp.einsum("bhjt,bhte->bhje", scores * intra_decay, v.astype(F32), precision=HIGHEST)
-    q_decay = jnp.exp(-sig * (idx + 1.0))  # [H, m]
-    o_inter = jnp.einsum("bhjd,bhde->bhje", q.astype(F32), state, precision=HIGHEST)
-    out = o_intra + o_inter * q_decay[None, :, :, None]
-    k_decay = jnp.exp(-sig * (m - 1.0 - idx))  # [H, m]
-    kv = jnp.einsum(
-        "bhtd,bhte->bhde", k.astype(F32) * k_decay[None, :, :, None], v.astype(F32), precision=HIGHEST
-    )
-    state = jnp.exp(-sigma * m)[None, :, None, None] * state + kv
+    intra = jnp.where(diff >= 0, jnp.exp(-sig[:, :, None] * jnp.maximum(diff, 0.0)), 0.0)
+    return intra, jnp.exp(-sig * (idx + 1.0)), jnp.exp(-sig * (m - 1.0 - idx)), jnp.exp(-sigma * m)
+
+
+def _block(state, q, k, v, factors):
+    """One block, batch and heads merged into one axis G = B*H (plain batched matmuls are what
+    XLA:CPU runs fastest). q, k: [G, m, dk]; v: [G, m, dv]; state: [G, dk, dv] f32;
+    factors: the _decay_factors tables tiled to G. Returns (state_next, out [G, m, dv] f32).
+    """
+    intra, q_decay, k_decay, block_decay = factors
+    mm = lambda a, b: jnp.matmul(a, b, precision=HIGHEST, preferred_element_type=F32)  # noqa: E731
+    q32, k32, v32 = q.astype(F32), k.astype(F32), v.astype(F32)
+    scores = mm(q, k.swapaxes(1, 2)) * intra
+    out = mm(scores, v32) + q_decay[:, :, None] * mm(q32, state)
+    state = block_decay[:, None, None] * state + mm((k32 * k_decay[:, :, None]).swapaxes(1, 2), v32)
     return state, out
 
 
@@ -69,28 +74,41 @@ def lightning_attention_xla(q, k, v, decay_rate, initial_state=None, *, block_si
     state = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
     if t == 0:
         return jnp.zeros((b, 0, h, dv), q.dtype), state
+    state = state.reshape(b * h, dk, dv)
     bs = min(block_size, t)
     n_full, rem = divmod(t, bs)
 
-    def heads_first(x, n, m):  # [B, n*m, H, d] -> [n, B, H, m, d]
-        return x.reshape(b, n, m, h, x.shape[-1]).transpose(1, 0, 3, 2, 4)
+    def tiled(m):  # decay tables for blocks of m tokens, tiled over the batch: [B*H, ...]
+        return tuple(jnp.tile(f, (b,) + (1,) * (f.ndim - 1)) for f in _decay_factors(sigma, m))
+
+    # Blocks are sliced along the sequence in the input layout ([n, B, m, H, d]; free for B = 1)
+    # and transposed to [B*H, m, d] inside the loop, so every transpose stays in cache.
+    def seq_blocks(x, n, m):  # [B, n*m, H, d] -> [n, B, m, H, d]
+        return x.reshape(b, n, m, h, x.shape[-1]).swapaxes(0, 1)
+
+    def heads_first(x):  # [B, m, H, d] -> [B*H, m, d]
+        return x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], x.shape[-1])
+
+    def seq_first(o):  # [B*H, m, dv] -> [B, m, H, dv]
+        return o.reshape(b, h, o.shape[1], dv).transpose(0, 2, 1, 3)
 
     outs = []
     if n_full:
-        xs = tuple(heads_first(x[:, : n_full * bs], n_full, bs) for x in (q, k, v))
+        factors = tiled(bs)
+        xs = tuple(seq_blocks(x[:, : n_full * bs], n_full, bs) for x in (q, k, v))
 
         @jax.checkpoint
         def step(s, blk):
-            return _block(s, *blk, sigma, bs)
+            s, o = _block(s, *(heads_first(x) for x in blk), factors)
+            return s, seq_first(o)
 
-        state, o = jax.lax.scan(step, state, xs)  # o: [n, B, H, bs, dv]
-        outs.append(o.transpose(1, 0, 3, 2, 4).reshape(b, n_full * bs, h, dv))
+        state, o = jax.lax.scan(step, state, xs)  # o: [n, B, bs, H, dv]
+        outs.append(o.swapaxes(0, 1).reshape(b, n_full * bs, h, dv))
     if rem:
-        tail = tuple(x[:, n_full * bs :].transpose(0, 2, 1, 3) for x in (q, k, v))
-        state, o = _block(state, *tail, sigma, rem)
-        outs.append(o.transpose(0, 2, 1, 3))
+        state, o = _block(state, *(heads_first(x[:, n_full * bs :]) for x in (q, k, v)), tiled(rem))
+        outs.append(seq_first(o))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return out.astype(q.dtype), state
+    return out.astype(q.dtype), state.reshape(b, h, dk, dv)
 
 
 def lightning_decode_xla(q, k, v, decay_rate, state):
