@@ -54,6 +54,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     lightning_norm_eps: float = 1e-6
     router_aux_loss_coef: float = 0.001
+    # Expert parallelism: None = dropless (default); c > 0 caps each device-to-device buffer at
+    # ceil(tokens * top_k / expert_shards * c) rows, dropping the overflow.
+    moe_capacity_factor: float | None = None
     # "original": slope layer factor 1 - l/(L-1) + 1e-5 and ALiBi slope interpolation for
     # non-power-of-two heads (MiniMax remote code, vLLM); "hf": transformers' variant.
     decay_convention: str = "original"
@@ -105,6 +108,8 @@ class ModelConfig:
         for key in ("linear_attn_alpha", "linear_attn_beta", "full_attn_alpha", "full_attn_beta",
                     "mlp_alpha", "mlp_beta", "router_aux_loss_coef"):
             need(math.isfinite(getattr(self, key)), key, f"must be finite, got {getattr(self, key)!r}.")
+        need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
+             f"must be None (dropless) or > 0, got {self.moe_capacity_factor!r}.")
         need(self.lightning_impl in ("auto", "xla", "pallas"), "lightning_impl",
              f"must be 'auto', 'xla' or 'pallas', got {self.lightning_impl!r}.")
 

@@ -26,6 +26,7 @@ from m1jax.model.config import FULL, LINEAR, ModelConfig
 from m1jax.model.layers import F32, HIGHEST, RMSNorm, dtype_of, param
 from m1jax.model.lightning import LightningAttention
 from m1jax.model.moe import MoE, RouterStats, load_balancing_loss
+from m1jax.sharding import constrain
 
 
 class ModelOutput(NamedTuple):
@@ -59,7 +60,7 @@ class DecoderLayer(nnx.Module):
         b = self.post_norm(x1)
         y, stats = self.moe(b, mask)
         x2 = self.cfg.mlp_alpha * (b if self.cfg.postnorm else x1) + self.cfg.mlp_beta * y
-        return x2.astype(x.dtype), stats
+        return constrain(x2.astype(x.dtype), "batch", "seq", "act_embed"), stats
 
 
 class Block(nnx.Module):
@@ -127,7 +128,7 @@ class MiniMaxM1(nnx.Module):
         dt = dtype_of(cfg.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.embed[...][input_ids].astype(dt)
+        x = constrain(self.embed[...][input_ids].astype(dt), "batch", "seq", "act_embed")
         rates = jnp.asarray(cfg.decay_rates(), F32)  # [L, H]
         period, repeats, tail = cfg.pattern
         n = repeats * len(period)

@@ -3,13 +3,36 @@ over all heads, sigmoid output gate from the layer input. Computed in float32 fr
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from kernels_pallas import lightning_attention
 from m1jax.model.config import ModelConfig
 from m1jax.model.layers import F32, dtype_of, param, rms_norm
+from m1jax.sharding import batch_axes, current_mesh
+
+
+def _lightning_op(q, k, v, decay_rate, state, cfg: ModelConfig):
+    """The lightning operator; under a mesh, a shard_map over batch and heads (the kernels are
+    per-device programs that the automatic partitioner cannot split)."""
+    op = functools.partial(lightning_attention, block_size=cfg.block_size, impl=cfg.lightning_impl)
+    mesh = current_mesh()
+    if mesh is None:
+        return op(q, k, v, decay_rate, state)
+    b, _, h, d = q.shape
+    if state is None:
+        state = jnp.zeros((b, h, d, v.shape[-1]), F32)
+    bax = batch_axes(mesh)
+    bspec = (bax if len(bax) > 1 else bax[0]) if bax else None
+    hspec = "tensor" if h % mesh.shape["tensor"] == 0 and mesh.shape["tensor"] > 1 else None
+    x_spec, s_spec = P(bspec, None, hspec, None), P(bspec, hspec, None, None)
+    fn = jax.shard_map(op, in_specs=(x_spec, x_spec, x_spec, P(hspec), s_spec), out_specs=(x_spec, s_spec),
+                       check_vma=False)
+    return fn(q, k, v, decay_rate, state)
 
 
 class LightningAttention(nnx.Module):
@@ -38,9 +61,7 @@ class LightningAttention(nnx.Module):
             u = u * mask[:, :, None].astype(F32)
         u = u.reshape(b, t, h, 3 * d)
         q, k, v = u[..., :d], u[..., d : 2 * d], u[..., 2 * d :]
-        o, state = lightning_attention(
-            q, k, v, decay_rate, state, block_size=cfg.block_size, impl=cfg.lightning_impl
-        )
+        o, state = _lightning_op(q, k, v, decay_rate, state, cfg)
         y = rms_norm(o.reshape(b, t, h * d), self.norm[...].astype(F32), cfg.lightning_norm_eps)
         y = jax.nn.sigmoid((a @ self.gate[...].astype(dt)).astype(F32)) * y
         return y.astype(dt) @ self.out[...].astype(dt), state

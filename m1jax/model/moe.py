@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from m1jax.model.config import ModelConfig
 from m1jax.model.layers import F32, HIGHEST, dtype_of, param
@@ -27,24 +29,89 @@ def route(logits, top_k: int):
     return top_p / jnp.sum(top_p, axis=-1, keepdims=True), top_i, probs
 
 
-def expert_mlp(x, ids, weights, w1, w3, w2):
-    """Dropless grouped SwiGLU: sort the (token, slot) pairs by expert and run ragged matmuls.
+def grouped_swiglu(x, expert, w1, w3, w2):
+    """Rows x [R, D], each for expert ``expert`` [R]: sort by expert, ragged matmuls, unsort.
 
-    x: [N, D]; ids, weights: [N, k]; w1, w3: [E, D, I]; w2: [E, I, D]. Returns [N, D] float32.
+    w1, w3: [E, D, I]; w2: [E, I, D]. Returns [R, D] float32 (dropless: every row is computed).
     """
-    n, k = ids.shape
-    num_experts = w1.shape[0]
-    flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    xs = x[token]
+    order = jnp.argsort(expert, stable=True)
+    group_sizes = jnp.bincount(expert, length=w1.shape[0]).astype(jnp.int32)
+    xs = x[order]
     h1 = jax.lax.ragged_dot(xs, w1, group_sizes, preferred_element_type=F32)
     h3 = jax.lax.ragged_dot(xs, w3, group_sizes, preferred_element_type=F32)
     h = (jax.nn.silu(h1) * h3).astype(x.dtype)
     y = jax.lax.ragged_dot(h, w2, group_sizes, preferred_element_type=F32)
-    y = y * weights.reshape(-1)[order][:, None]
+    return jnp.zeros_like(y).at[order].set(y)
+
+
+def expert_mlp(x, ids, weights, w1, w3, w2):
+    """Dense single-device MoE: x [N, D]; ids, weights [N, k]. Returns [N, D] float32."""
+    n, k = ids.shape
+    token = jnp.arange(n * k) // k
+    y = grouped_swiglu(x[token], ids.reshape(-1), w1, w3, w2) * weights.reshape(-1, 1)
     return jnp.zeros((n, x.shape[-1]), F32).at[token].add(y)
+
+
+def _router_stats(probs, ids, row_w, num_experts):
+    onehot = jax.nn.one_hot(ids, num_experts, dtype=F32).sum(axis=1)  # [N, E]
+    return RouterStats(prob_sum=row_w @ probs, count=row_w @ onehot, rows=row_w.sum())
+
+
+def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor: float | None):
+    """MoE over the current mesh with jax.shard_map: tokens go to the devices owning their experts
+    with an all_to_all over "expert", are computed there (MLP width split over "tensor", partial
+    sums psum'ed) and come back with a second all_to_all.
+
+    Each device sends every other expert shard a buffer of ``cap`` rows: n*k (dropless, the default:
+    nothing can overflow) or ceil(n*k/ep * capacity_factor) (rows past it are dropped, weight 0).
+    x: [B, T, D] sharded over the batch axes; mask [B, T]. Returns (y [B, T, D], RouterStats).
+    """
+    from m1jax import sharding as shd
+
+    mesh = shd.current_mesh()
+    bax = shd.batch_axes(mesh)
+    ep, tp = mesh.shape["expert"], mesh.shape["tensor"]
+    num_experts, _, inter = w1.shape
+    e_loc = num_experts // ep
+    mlp = "tensor" if tp > 1 and inter % tp == 0 else None
+    bspec = bax if len(bax) != 1 else bax[0]
+    bspec = bspec or None
+
+    def local(x, mask, router, w1, w3, w2):
+        b, t, d = x.shape
+        n = b * t
+        xf = x.reshape(n, d)
+        logits = jnp.dot(xf.astype(F32), router, precision=HIGHEST)
+        weights, ids, probs = route(logits, top_k)
+        stats = _router_stats(probs, ids, mask.reshape(-1).astype(F32), num_experts)
+        if bax:
+            stats = jax.tree.map(lambda s: jax.lax.psum(s, bax), stats)
+        cap = n * top_k if capacity_factor is None else max(1, math.ceil(n * top_k / ep * capacity_factor))
+        dest = (ids // e_loc).reshape(-1)  # [n*k] destination expert shard
+        pos = jnp.take_along_axis(jnp.cumsum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), 0) - 1, dest[:, None], 1)[:, 0]
+        keep = pos < cap
+        token = jnp.arange(n * top_k) // top_k
+        slot = (dest, jnp.where(keep, pos, cap))  # out-of-range rows are dropped by the scatter
+        send_x = jnp.zeros((ep, cap, d), x.dtype).at[slot].set(xf[token], mode="drop")
+        send_e = jnp.zeros((ep, cap), jnp.int32).at[slot].set((ids % e_loc).reshape(-1), mode="drop")
+        recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)
+        recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0)
+        y = grouped_swiglu(recv_x.reshape(ep * cap, d), recv_e.reshape(-1), w1, w3, w2)
+        if mlp:
+            y = jax.lax.psum(y, "tensor")
+        back = jax.lax.all_to_all(y.reshape(ep, cap, d), "expert", 0, 0)
+        y_slot = back[dest, jnp.minimum(pos, cap - 1)] * (weights.reshape(-1) * keep)[:, None]
+        out = jnp.zeros((n, d), F32).at[token].add(y_slot)
+        return out.astype(x.dtype).reshape(b, t, d), stats
+
+    fn = jax.shard_map(
+        local,
+        in_specs=(P(bspec, None, None), P(bspec, None), P(), P("expert", None, mlp), P("expert", None, mlp),
+                  P("expert", mlp, None)),
+        out_specs=(P(bspec, None, None), RouterStats(P(), P(), P())),
+        check_vma=False,
+    )
+    return fn(x, mask, router, w1, w3, w2)
 
 
 class MoE(nnx.Module):
@@ -58,19 +125,27 @@ class MoE(nnx.Module):
         self.w2 = param(rngs, (e, i, d), ("experts", "mlp", "embed"), pdt, std=std)  # down
 
     def __call__(self, x, mask=None):
-        """x: [batch, seq, hidden]; mask: optional [batch, seq]. Returns (y, RouterStats)."""
+        """x: [batch, seq, hidden]; mask: optional [batch, seq]. Returns (y, RouterStats).
+
+        Under a device mesh (jax.set_mesh) the experts run expert-parallel (moe_expert_parallel);
+        otherwise all experts run here (dense grouped matmuls).
+        """
+        from m1jax.sharding import current_mesh
+
         cfg = self.cfg
         b, t, d = x.shape
         dt = x.dtype
+        w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
+        row_mask = jnp.ones((b, t), F32) if mask is None else mask.astype(F32)
+        if current_mesh() is not None:
+            return moe_expert_parallel(
+                x, row_mask, self.router[...], w1, w3, w2, cfg.num_experts_per_tok, cfg.moe_capacity_factor
+            )
         xf = x.reshape(b * t, d)
         logits = jnp.dot(xf.astype(F32), self.router[...], precision=HIGHEST)
         weights, ids, probs = route(logits, cfg.num_experts_per_tok)
-        y = expert_mlp(
-            xf, ids, weights, self.w1[...].astype(dt), self.w3[...].astype(dt), self.w2[...].astype(dt)
-        )
-        row_w = jnp.ones((b * t,), F32) if mask is None else mask.reshape(-1).astype(F32)
-        onehot = jax.nn.one_hot(ids, cfg.num_experts, dtype=F32).sum(axis=1)  # [N, E]
-        stats = RouterStats(prob_sum=row_w @ probs, count=row_w @ onehot, rows=row_w.sum())
+        y = expert_mlp(xf, ids, weights, w1, w3, w2)
+        stats = _router_stats(probs, ids, row_mask.reshape(-1), cfg.num_experts)
         return y.astype(dt).reshape(b, t, d), stats
 
 

@@ -1,0 +1,194 @@
+"""One device mesh for sampling and training: mesh construction, logical-axis rules, sharded init.
+
+Mesh axes (all four always exist; size 1 means unused):
+  data    pure data parallelism (replicated parameters)
+  fsdp    data parallelism with parameters sharded along their "embed" axis (gathered per use)
+  expert  expert parallelism: each device holds num_experts / expert experts; outside the MoE
+          this axis carries data (tokens are sharded over data x fsdp x expert)
+  tensor  tensor parallelism of attention heads, expert MLP width and the vocabulary
+
+Every parameter carries logical axis names (``axes`` metadata, set where it is created);
+``RULES`` maps each name to mesh axes. A dimension that a mesh axis does not divide is left
+replicated (and reported by ``explain``), e.g. 8 kv heads on tensor=16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH = ("data", "fsdp", "expert")  # mesh axes that shard the batch
+
+# Logical axis -> mesh axis (or None: replicated). The single table for parameters and activations.
+RULES: dict[str, Any] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "qkv": "tensor",  # fused head-major [head][q|k|v][d]: contiguous per head
+    "heads_x_dim": "tensor",
+    "kv_heads_x_dim": "tensor",
+    "mlp": "tensor",
+    "experts": "expert",
+    "experts_unsharded": None,
+    "layers": None,  # the scanned layer-stack axis
+    # activations
+    "batch": BATCH,
+    "seq": None,
+    "act_embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+}
+
+
+class MeshError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, a) for a in AXES)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, int]) -> "MeshConfig":
+        unknown = sorted(set(d) - set(AXES))
+        if unknown:
+            raise MeshError(f"mesh: unknown axis {unknown}; the axes are {AXES}.")
+        for k, v in d.items():
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise MeshError(f"mesh.{k}: must be a positive integer, got {v!r}.")
+        return cls(**{k: int(v) for k, v in d.items()})
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """'data=2,expert=4' -> MeshConfig(data=2, expert=4)."""
+        items = [kv.split("=") for kv in text.split(",") if kv]
+        if any(len(kv) != 2 for kv in items):
+            raise MeshError(f"mesh {text!r}: write it as axis=size pairs, e.g. 'fsdp=2,expert=4'.")
+        return cls.from_dict({k.strip(): int(v) for k, v in items})
+
+
+def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
+    """A mesh over ``devices`` (default: all devices of all processes) with Auto axis types."""
+    devices = jax.devices() if devices is None else list(devices)
+    if mc.size != len(devices):
+        raise MeshError(
+            f"mesh {dict(zip(AXES, mc.shape))} needs {mc.size} devices but {len(devices)} are available; "
+            f"choose sizes whose product is {len(devices)}."
+        )
+    try:
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(mc.shape, devices=devices)
+    except Exception:  # noqa: BLE001 -- non-physical device sets (CPU, compile-only topologies)
+        arr = np.asarray(devices).reshape(mc.shape)
+    return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def validate_model_for_mesh(cfg, mc: MeshConfig) -> None:
+    """Fail at startup, before compiling, for a model that cannot run on this mesh."""
+    if cfg.num_experts % mc.expert:
+        raise MeshError(
+            f"mesh.expert={mc.expert} does not divide model.num_experts={cfg.num_experts}; "
+            "use an expert axis size that divides the number of experts."
+        )
+
+
+def spec_for(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: Mapping[str, Any] = RULES) -> P:
+    """PartitionSpec for an array with logical ``axes`` (a leading unnamed stack axis is allowed)."""
+    axes = tuple(axes)
+    if len(shape) == len(axes) + 1:
+        axes = ("layers",) + axes
+    if len(shape) != len(axes):
+        raise ValueError(f"shape {shape} and logical axes {axes} do not match")
+    out, used = [], set()
+    for dim, name in zip(shape, axes):
+        mesh_axes = rules.get(name)
+        if mesh_axes is None:
+            out.append(None)
+            continue
+        group = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        group = tuple(a for a in group if mesh.shape[a] > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in group)
+        if not group or dim % size:
+            out.append(None)
+            continue
+        used.update(group)
+        out.append(group[0] if len(group) == 1 else group)
+    return P(*out)
+
+
+def state_shardings(state, mesh: Mesh, rules: Mapping[str, Any] = RULES):
+    """NamedSharding for every variable of an nnx State (abstract or concrete)."""
+
+    def one(var):
+        axes = var.get_metadata().get("axes")
+        value = var.get_value()
+        if axes is None:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, spec_for(axes, value.shape, mesh, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(make_model, mesh: Mesh, rules: Mapping[str, Any] = RULES):
+    """Build ``make_model()`` with every parameter created directly in its sharding (under jit
+    with out_shardings): nothing is materialized whole on one device first."""
+    graphdef, abs_state = nnx.split(nnx.eval_shape(make_model))
+    shardings = state_shardings(abs_state, mesh, rules)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def current_mesh():
+    """The mesh set with ``jax.set_mesh`` (abstract inside jit), or None when there is none."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or math.prod(mesh.shape.values()) == 1 else mesh
+
+
+def constrain(x, *logical):
+    """with_sharding_constraint by logical axis names; a no-op without a mesh."""
+    mesh = current_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(logical, x.shape, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """[batch, seq, ...] arrays: batch over data x fsdp x expert."""
+    axes = tuple(a for a in BATCH if mesh.shape[a] > 1)
+    first = None if not axes else (axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+    return tuple(a for a in BATCH if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def explain(state, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> list[tuple[str, tuple, P]]:
+    """(path, shape, spec) for every parameter: the plan, for logs and tests."""
+    rows = []
+    for path, var in nnx.to_flat_state(state):
+        axes = var.get_metadata().get("axes")
+        shape = var.get_value().shape
+        rows.append(("/".join(map(str, path)), shape, spec_for(axes, shape, mesh, rules) if axes else P()))
+    return rows
