@@ -133,3 +133,14 @@ def test_expert_parallel_equals_dense_under_skewed_routing(capacity):
         assert not keep.all()
         kept = expert_mlp(x.reshape(-1, d), ids, weights * keep.reshape(-1, k), w1, w3, w2).reshape(b, t, d)
         np.testing.assert_allclose(y, kept, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_plan_matches_real_shards():
+    from m1jax.memory_plan import param_bytes
+
+    mc = MESHES["fsdp2_expert2_tensor2"]
+    model = shd.create_sharded(lambda: MiniMaxM1(CFG, rngs=nnx.Rngs(0)), shd.make_mesh(mc))
+    real = sum(v.get_value().addressable_shards[0].data.nbytes for _, v in nnx.to_flat_state(nnx.state(model)))
+    total, per_device, _ = param_bytes(CFG, mc)
+    assert per_device == real
+    assert total == CFG.param_count() * 4

@@ -1,0 +1,117 @@
+"""Per-device memory of a model on a mesh, from the abstract model and the sharding rules.
+
+    python -m m1jax.memory_plan --config=configs/minimax_m1.py --mesh=fsdp=64,expert=8 \
+        --batch=64 --seq=8192
+
+Nothing is allocated: parameters come from ``nnx.eval_shape`` and each one's per-device size from
+its PartitionSpec (``m1jax.sharding.spec_for``). Parameters, gradients and the AdamW moments
+(float32) are exact; activations are an estimate for a training step with one rematerialized
+block of the layer pattern at a time (see ``activation_bytes``). For the compiler's own numbers
+use the ahead-of-time plan (issue: TPU AOT plans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+from flax import nnx
+
+from m1jax.configs import load_config_file, model_config
+from m1jax.model import MiniMaxM1, ModelConfig
+from m1jax.sharding import AXES, MeshConfig, spec_for
+
+GiB = 2**30
+
+
+def _fake_mesh(mc: MeshConfig):
+    return SimpleNamespace(shape=dict(zip(AXES, mc.shape)))
+
+
+def param_bytes(cfg: ModelConfig, mc: MeshConfig) -> tuple[float, float, list[str]]:
+    """(total bytes, per-device bytes, notes on dimensions left replicated) for the parameters."""
+    mesh = _fake_mesh(mc)
+    abstract = nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(0)))
+    total = per_dev = 0.0
+    notes = []
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        v = var.get_value()
+        nbytes = math.prod(v.shape) * np.dtype(v.dtype).itemsize
+        spec = spec_for(var.get_metadata()["axes"], v.shape, mesh)
+        shards = 1
+        for entry in spec:
+            for a in (entry,) if isinstance(entry, str) else (entry or ()):
+                shards *= mesh.shape[a]
+        total += nbytes
+        per_dev += nbytes / shards
+        axes = var.get_metadata()["axes"]
+        for name in axes:
+            from m1jax.sharding import RULES
+
+            rule = RULES.get(name)
+            if isinstance(rule, str) and mesh.shape[rule] > 1 and rule not in str(spec):
+                notes.append(f"{'/'.join(map(str, path))}: '{name}' not divisible by {rule}={mesh.shape[rule]}, replicated")
+    return total, per_dev, sorted(set(notes))
+
+
+def activation_bytes(cfg: ModelConfig, mc: MeshConfig, batch: int, seq: int) -> float:
+    """Estimate of live activation bytes per device in a training step.
+
+    * the residual stream saved at every scan step (one per repeat of the layer pattern): R x b x T x D
+      in the compute dtype, b = batch / (data * fsdp * expert);
+    * one block recomputed in the backward pass, per layer: lightning u, o, y, gate in float32
+      (6 x H d / tensor floats per token), the MoE's dispatched rows (top_k x (D + 3 I / tensor)),
+      and the normed inputs (4 D), counted twice (values and their gradients);
+    * logits and their gradient in float32: 2 x b x T x V / tensor.
+    """
+    dp = mc.data * mc.fsdp * mc.expert
+    b = max(1, batch // dp)
+    act = np.dtype(cfg.dtype).itemsize
+    period, repeats, tail = cfg.pattern
+    d, hd, tp = cfg.hidden_size, cfg.num_heads * cfg.head_dim, mc.tensor
+    saved = (repeats + (1 if tail else 0)) * b * seq * d * act
+    per_layer = b * seq * (6 * hd / tp * 4 + cfg.num_experts_per_tok * (d + 3 * cfg.intermediate_size / tp) * act + 4 * d * act)
+    block = 2 * len(period) * per_layer
+    logits = 2 * b * seq * cfg.vocab_size / tp * 4
+    return saved + block + logits
+
+
+def plan(cfg: ModelConfig, mc: MeshConfig, batch: int, seq: int) -> dict:
+    total, params, notes = param_bytes(cfg, mc)
+    n_params = cfg.param_count()
+    frac = params / total
+    grads = frac * n_params * 4  # float32 gradients
+    opt = frac * n_params * 8  # AdamW mu, nu in float32
+    act = activation_bytes(cfg, mc, batch, seq)
+    return dict(params=params, grads=grads, opt=opt, act=act, total=params + grads + opt + act, notes=notes)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/minimax_m1.py")
+    p.add_argument("--mesh", action="append", required=True, help="axis=size,...; repeat for several meshes")
+    p.add_argument("--batch", type=int, default=None, help="global batch (sequences); default: data*fsdp*expert")
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--hbm_gib", type=float, default=95.74, help="per-device memory to compare with (v5p: 95.74)")
+    a = p.parse_args(argv)
+    cfg = model_config(load_config_file(a.config))
+    print(f"{a.config}: {cfg.param_count():,} parameters ({cfg.param_dtype}), compute {cfg.dtype}, seq {a.seq}")
+    print(f"| mesh (data, fsdp, expert, tensor) | devices | batch | params GiB | grads GiB | AdamW GiB | "
+          f"activations GiB (est.) | total GiB | fits {a.hbm_gib:g} GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m in a.mesh:
+        mc = MeshConfig.parse(m)
+        batch = a.batch or mc.data * mc.fsdp * mc.expert
+        r = plan(cfg, mc, batch, a.seq)
+        print(f"| {mc.shape} | {mc.size} | {batch} | {r['params'] / GiB:.1f} | {r['grads'] / GiB:.1f} | "
+              f"{r['opt'] / GiB:.1f} | {r['act'] / GiB:.1f} | {r['total'] / GiB:.1f} | "
+              f"{'yes' if r['total'] / GiB < a.hbm_gib else 'no'} |")
+        for n in r["notes"][:5]:
+            print(f"    note: {n}")
+
+
+if __name__ == "__main__":
+    main()
