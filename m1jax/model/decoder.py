@@ -50,17 +50,22 @@ class DecoderLayer(nnx.Module):
             self.alpha, self.beta = cfg.full_attn_alpha, cfg.full_attn_beta
         self.moe = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x, decay_rate, positions, mask):
+    def __call__(self, x, decay_rate, positions, mask, cache=None, cache_index=None, key_valid=None):
+        """cache: this layer's entry of the hybrid cache (lightning: {"state"}; softmax: {"k", "v"})
+        or None. Returns (x, RouterStats, new cache entry or None)."""
         a = self.input_norm(x)
         if self.layer_type == LINEAR:
-            m, _ = self.mixer(a, decay_rate, mask)
+            m, state = self.mixer(a, decay_rate, mask, None if cache is None else cache["state"])
+            new_cache = None if cache is None else {"state": state}
         else:
-            m = self.mixer(a, positions, mask)
+            kv = None if cache is None else (cache["k"], cache["v"])
+            m, kv = self.mixer(a, positions, mask, kv, cache_index, key_valid)
+            new_cache = None if cache is None else {"k": kv[0], "v": kv[1]}
         x1 = self.alpha * (a if self.cfg.postnorm else x) + self.beta * m
         b = self.post_norm(x1)
         y, stats = self.moe(b, mask)
         x2 = self.cfg.mlp_alpha * (b if self.cfg.postnorm else x1) + self.cfg.mlp_beta * y
-        return constrain(x2.astype(x.dtype), "batch", "seq", "act_embed"), stats
+        return constrain(x2.astype(x.dtype), "batch", "seq", "act_embed"), stats, new_cache
 
 
 class Block(nnx.Module):
@@ -70,13 +75,17 @@ class Block(nnx.Module):
         self.layer_types = layer_types
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in layer_types])
 
-    def __call__(self, x, decay_rates, positions, mask):
-        """decay_rates: [len(layer_types), heads]. Returns (x, RouterStats stacked over the layers)."""
-        all_stats = []
+    def __call__(self, x, decay_rates, positions, mask, cache=None, cache_index=None, key_valid=None):
+        """decay_rates: [len(layer_types), heads]; cache: list of per-layer entries or None.
+
+        Returns (x, RouterStats stacked over the layers, new cache list or None)."""
+        all_stats, new_cache = [], []
         for i, layer in enumerate(self.layers):
-            x, stats = layer(x, decay_rates[i], positions, mask)
+            entry = None if cache is None else cache[i]
+            x, stats, entry = layer(x, decay_rates[i], positions, mask, entry, cache_index, key_valid)
             all_stats.append(stats)
-        return x, jax.tree.map(lambda *s: jnp.stack(s), *all_stats)
+            new_cache.append(entry)
+        return x, jax.tree.map(lambda *s: jnp.stack(s), *all_stats), (None if cache is None else new_cache)
 
 
 def _stacked_blocks(cfg: ModelConfig, layer_types, repeats: int, rngs: nnx.Rngs) -> Block:
@@ -88,17 +97,24 @@ def _stacked_blocks(cfg: ModelConfig, layer_types, repeats: int, rngs: nnx.Rngs)
     return make(rngs)
 
 
-def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool):
-    """Scan x through stacked blocks. decay_rates: [repeats, period, heads]."""
+def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool, cache=None, cache_index=None,
+                 key_valid=None):
+    """Scan x through stacked blocks. decay_rates: [repeats, period, heads]; cache: per-slot list
+    of entries with a leading [repeats] axis (scanned along with the parameters), or None."""
 
-    def body(block, x, rates):
-        return block(x, rates, positions, mask)
+    # A plain lax.scan over the split parameter state (each step merges one block's slice):
+    # unlike nnx.scan it nests under any enclosing trace (jit, while_loop, shard_map).
+    graphdef, params = nnx.split(blocks)
+
+    def body(x, xs):
+        block_params, rates, cache = xs
+        x, stats, cache = nnx.merge(graphdef, block_params)(x, rates, positions, mask, cache, cache_index, key_valid)
+        return x, (stats, cache)
 
     if remat:
-        body = nnx.remat(body)
-    scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-    x, stats = scan(blocks, x, decay_rates)
-    return x, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stats)  # [repeats*period, ...]
+        body = jax.checkpoint(body)
+    x, (stats, cache) = jax.lax.scan(body, x, (params, decay_rates, cache))
+    return x, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stats), cache  # stats: [repeats*period, ...]
 
 
 class MiniMaxM1(nnx.Module):
@@ -121,8 +137,12 @@ class MiniMaxM1(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None):
         return self.forward(input_ids, attention_mask, positions).logits
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None):
-        """Final-normed hidden states [batch, seq, hidden] and per-layer RouterStats."""
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        """Final-normed hidden states [batch, seq, hidden], per-layer RouterStats and the new cache.
+
+        cache: from ``init_cache`` (hybrid: lightning states and softmax KV caches) or None.
+        With a cache, ``input_ids`` are written at column ``cache_index`` of the KV caches.
+        """
         cfg = self.cfg
         b, t = input_ids.shape
         dt = dtype_of(cfg.dtype)
@@ -132,13 +152,55 @@ class MiniMaxM1(nnx.Module):
         rates = jnp.asarray(cfg.decay_rates(), F32)  # [L, H]
         period, repeats, tail = cfg.pattern
         n = repeats * len(period)
-        x, stats = _run_stacked(
-            self.blocks, x, rates[:n].reshape(repeats, len(period), -1), positions, attention_mask, cfg.remat
+        key_valid = None
+        if cache is not None:
+            new_valid = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+            key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], new_valid, (0, cache_index))
+        kw = dict(cache_index=cache_index, key_valid=key_valid)
+        x, stats, blocks_cache = _run_stacked(
+            self.blocks, x, rates[:n].reshape(repeats, len(period), -1), positions, attention_mask, cfg.remat,
+            None if cache is None else cache["blocks"], **kw,
         )
+        tail_cache = None
         if self.tail is not None:
-            x, tail_stats = _run_stacked(self.tail, x, rates[n:][None], positions, attention_mask, cfg.remat)
+            x, tail_stats, tail_cache = _run_stacked(
+                self.tail, x, rates[n:][None], positions, attention_mask, cfg.remat,
+                None if cache is None else cache["tail"], **kw,
+            )
             stats = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), stats, tail_stats)
-        return self.final_norm(x), stats
+        new_cache = None
+        if cache is not None:
+            new_cache = {"blocks": blocks_cache, "tail": tail_cache, "key_valid": key_valid}
+        return self.final_norm(x), stats, new_cache
+
+    def init_cache(self, batch: int, max_len: int, kv_dtype=None):
+        """Empty hybrid cache: per lightning layer a float32 state [batch, heads, d, d]; per softmax
+        layer k, v [batch, kv_heads, max_len, head_dim]; key_valid [batch, max_len]."""
+        cfg = self.cfg
+        kv_dtype = kv_dtype or dtype_of(cfg.dtype)
+        h, d, kv = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
+
+        def entries(types, reps):
+            out = []
+            for ty in types:
+                if ty == LINEAR:
+                    out.append({"state": jnp.zeros((reps, batch, h, d, d), F32)})
+                else:
+                    z = jnp.zeros((reps, batch, kv, max_len, d), kv_dtype)
+                    out.append({"k": z, "v": z})
+            return out
+
+        period, repeats, tail = cfg.pattern
+        return {
+            "blocks": entries(period, repeats),
+            "tail": entries(tail, 1) if tail else None,
+            "key_valid": jnp.zeros((batch, max_len), jnp.int32),
+        }
+
+    def forward_with_cache(self, input_ids, cache, cache_index, attention_mask=None, positions=None):
+        """Prefill (seq > 1) or decode (seq = 1) against a hybrid cache. Returns (logits, cache)."""
+        h, _, cache = self.hidden_states(input_ids, attention_mask, positions, cache, cache_index)
+        return self.logits(h), cache
 
     def logits(self, h):
         """LM head; float32 when cfg.lm_head_fp32 (the paper's fix for train/inference mismatch)."""
@@ -150,7 +212,7 @@ class MiniMaxM1(nnx.Module):
     def forward(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
         """input_ids [batch, seq] int; attention_mask optional [batch, seq] (1 = token);
         positions optional [batch, seq] (default arange, as transformers)."""
-        h, stats = self.hidden_states(input_ids, attention_mask, positions)
+        h, stats, _ = self.hidden_states(input_ids, attention_mask, positions)
         return ModelOutput(self.logits(h), load_balancing_loss(stats, self.cfg.num_experts), stats)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kernels_pallas import lightning_attention
+from kernels_pallas import lightning_attention, lightning_decode
 from m1jax.model.config import ModelConfig
 from m1jax.model.layers import F32, dtype_of, param, rms_norm
 from m1jax.sharding import batch_axes, current_mesh
@@ -61,7 +61,11 @@ class LightningAttention(nnx.Module):
             u = u * mask[:, :, None].astype(F32)
         u = u.reshape(b, t, h, 3 * d)
         q, k, v = u[..., :d], u[..., d : 2 * d], u[..., 2 * d :]
-        o, state = _lightning_op(q, k, v, decay_rate, state, cfg)
+        if t == 1 and state is not None:  # one decode step: the recurrence
+            o, state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], decay_rate, state, impl=cfg.lightning_impl)
+            o = o[:, None]
+        else:
+            o, state = _lightning_op(q, k, v, decay_rate, state, cfg)
         y = rms_norm(o.reshape(b, t, h * d), self.norm[...].astype(F32), cfg.lightning_norm_eps)
         y = jax.nn.sigmoid((a @ self.gate[...].astype(dt)).astype(F32)) * y
         return y.astype(dt) @ self.out[...].astype(dt), state

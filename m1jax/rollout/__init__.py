@@ -1,0 +1,4 @@
+from m1jax.rollout.engine import FINISH_REASONS, Rollout, generate, left_pad
+from m1jax.rollout.sampling import Sample, SamplingParams, sample, truncate
+
+__all__ = ["FINISH_REASONS", "Rollout", "generate", "left_pad", "Sample", "SamplingParams", "sample", "truncate"]

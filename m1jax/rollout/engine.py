@@ -1,0 +1,121 @@
+"""Generation with a hybrid cache: one prefill, then one jitted ``lax.while_loop`` of decode steps.
+
+Prompts are left-padded, so every sequence writes its next token at the same cache column; RoPE
+positions count real tokens only. Lightning layers keep a constant-size float32 state per
+sequence; softmax layers keep a KV cache of prompt + max_new_tokens columns. Group sampling
+prefills each prompt once and forks its cache to ``num_samples`` sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m1jax.model import MiniMaxM1
+from m1jax.rollout.sampling import SamplingParams, sample
+
+RUNNING, STOP, LENGTH, REPETITION = 0, 1, 2, 3
+FINISH_REASONS = {RUNNING: "running", STOP: "stop", LENGTH: "length", REPETITION: "repetition"}
+
+
+class Rollout(NamedTuple):
+    tokens: jax.Array  # [N, max_new_tokens] int32; entries past `lengths` are 0
+    logprobs: jax.Array  # [N, max_new_tokens] full-vocabulary log pi_T (see sampling.py)
+    logprobs_truncated: jax.Array  # [N, max_new_tokens] under the truncated distribution
+    lengths: jax.Array  # [N] generated tokens (the stop token included)
+    finish_reason: jax.Array  # [N] int32, keys of FINISH_REASONS
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+    """Token lists -> (ids [B, P] int32, mask [B, P] int32), left-padded to the longest prompt."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _fork(cache, g: int):
+    """Repeat every sequence's cache g times (samples of one prompt are adjacent)."""
+
+    def rep(path, x):
+        batch_axis = 0 if path[-1].key == "key_valid" else 1  # layer entries carry [repeats, batch, ...]
+        return jnp.repeat(x, g, axis=batch_axis)
+
+    return jax.tree_util.tree_map_with_path(rep, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples"))
+def _generate(graphdef, state, ids, mask, key, params: SamplingParams, num_samples: int) -> Rollout:
+    model: MiniMaxM1 = nnx.merge(graphdef, state)
+    b, p = ids.shape
+    max_new = params.max_new_tokens
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    cache = model.init_cache(b, p + max_new)
+    logits, cache = model.forward_with_cache(ids, cache, 0, mask, positions)
+    last = logits[:, -1]
+    n_real = mask.sum(axis=1).astype(jnp.int32)
+    if num_samples > 1:
+        cache, last, n_real = _fork(cache, num_samples), jnp.repeat(last, num_samples, 0), jnp.repeat(n_real, num_samples)
+    n = b * num_samples
+    stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
+    f32 = jnp.zeros((n, max_new), jnp.float32)
+    init = dict(
+        step=jnp.int32(0), cache=cache, last=last, key=key, done=jnp.zeros((n,), bool),
+        reason=jnp.zeros((n,), jnp.int32), run=jnp.zeros((n,), jnp.int32), lengths=jnp.zeros((n,), jnp.int32),
+        tokens=jnp.zeros((n, max_new), jnp.int32), logprobs=f32, logprobs_truncated=f32,
+    )
+
+    def cond(c):
+        return (c["step"] < max_new) & ~jnp.all(c["done"])
+
+    def body(c):
+        step = c["step"]
+        key, sub = jax.random.split(c["key"])
+        s = sample(c["last"], sub, params)
+        active = ~c["done"]
+        tok = jnp.where(active, s.token, 0)
+        put = lambda buf, x: buf.at[:, step].set(jnp.where(active, x, 0))  # noqa: E731
+        run = jnp.where(s.prob > params.repetition_prob, c["run"] + 1, 0)
+        reason = jnp.where(jnp.isin(tok, stop_ids), STOP, RUNNING)
+        if params.repetition_window > 0:
+            reason = jnp.where((reason == RUNNING) & (run >= params.repetition_window), REPETITION, reason)
+        reason = jnp.where((reason == RUNNING) & (step + 1 >= max_new), LENGTH, reason)
+        reason = jnp.where(active, reason, c["reason"])
+        # NNX modules must be built in the trace that uses them: merge inside the loop body.
+        logits, cache = nnx.merge(graphdef, state).forward_with_cache(
+            tok[:, None], c["cache"], p + step, None, (n_real + step)[:, None]
+        )
+        return dict(
+            step=step + 1, cache=cache, last=logits[:, 0], key=key, done=reason != RUNNING, reason=reason,
+            run=run, lengths=c["lengths"] + active, tokens=put(c["tokens"], tok),
+            logprobs=put(c["logprobs"], s.logprob), logprobs_truncated=put(c["logprobs_truncated"], s.logprob_truncated),
+        )
+
+    c = jax.lax.while_loop(cond, body, init)
+    return Rollout(c["tokens"], c["logprobs"], c["logprobs_truncated"], c["lengths"], c["reason"])
+
+
+def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int = 1, key=None,
+             prompt_mask=None) -> Rollout:
+    """Sample ``num_samples`` completions per prompt.
+
+    prompts: a list of token-id lists (left-padded here), or ids [B, P] with ``prompt_mask``.
+    Returns a Rollout with N = B * num_samples rows (the samples of prompt i are rows
+    i*num_samples ... i*num_samples + num_samples - 1).
+    """
+    if prompt_mask is None:
+        ids, mask = left_pad(prompts)
+    else:
+        ids, mask = prompts, prompt_mask
+    key = jax.random.key(params.seed) if key is None else key
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, params, num_samples)
