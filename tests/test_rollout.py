@@ -1,0 +1,138 @@
+"""Rollout engine: cache correctness, greedy equivalences, transformers generate(), log-probs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from m1jax import hf
+from m1jax.model import MiniMaxM1, ModelConfig
+from m1jax.rollout import SamplingParams, generate, left_pad, truncate
+from m1jax.rollout.engine import LENGTH, REPETITION, STOP
+
+LIN, FULL = "linear_attention", "full_attention"
+CFG = ModelConfig(
+    vocab_size=97, hidden_size=32, num_layers=5, num_heads=4, num_kv_heads=2, head_dim=8,
+    layer_types=(LIN, FULL, LIN, FULL, LIN), num_experts=4, intermediate_size=24, rotary_dim=4, block_size=3,
+    initializer_range=0.3, linear_attn_alpha=1.4, mlp_alpha=1.4, full_attn_alpha=1.4,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MiniMaxM1(CFG, rngs=nnx.Rngs(0))
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3], [11, 12, 13, 14, 15, 16, 17], [40]]
+
+
+def test_greedy_equals_argmax_of_full_forward(model):
+    r = generate(model, PROMPTS, SamplingParams(greedy=True, max_new_tokens=10))
+    assert (np.asarray(r.finish_reason) == LENGTH).all() and (np.asarray(r.lengths) == 10).all()
+    fwd = jax.jit(lambda m, x: m(x))
+    for i, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        for _ in range(10):
+            seq.append(int(jnp.argmax(fwd(model, jnp.asarray([seq]))[0, -1])))
+        assert seq[len(prompt):] == np.asarray(r.tokens[i]).tolist(), i
+
+
+def test_decode_after_prefill_equals_longer_prefill(model):
+    """Logits of a prefill + token-by-token decode equal one forward over the whole sequence."""
+    ids, mask = left_pad([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25, 26, 27, 28]])
+    full = np.asarray(model(jnp.asarray(ids[1:2, 4:])))  # the unpadded second row
+    full0 = np.asarray(model(jnp.asarray(ids[:1])))
+    p = 6  # prefill the first 6 columns, then decode the rest one at a time
+    cache = model.init_cache(2, ids.shape[1])
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    logits, cache = model.forward_with_cache(jnp.asarray(ids[:, :p]), cache, 0, jnp.asarray(mask[:, :p]),
+                                             jnp.asarray(pos[:, :p]))
+    outs = [np.asarray(logits)]
+    step = jax.jit(lambda m, tok, c, i, ps: m.forward_with_cache(tok, c, i, None, ps))
+    for j in range(p, ids.shape[1]):
+        logits, cache = step(model, jnp.asarray(ids[:, j:j + 1]), cache, j, jnp.asarray(pos[:, j:j + 1]))
+        outs.append(np.asarray(logits))
+    got = np.concatenate(outs, axis=1)
+    np.testing.assert_allclose(got[0], full0[0], atol=1e-4)
+    np.testing.assert_allclose(got[1, 4:], full[0], atol=1e-4)
+
+
+def test_group_sampling_forks_the_prompt_cache(model):
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=3)
+    r = generate(model, PROMPTS[:2], params, num_samples=3)
+    assert r.tokens.shape == (6, 6)
+    toks = np.asarray(r.tokens)
+    assert len({tuple(t) for t in toks[:3]}) > 1  # different samples of one prompt
+    # each sample's first-token log-prob is that of the prompt's next-token distribution
+    lp0 = jax.nn.log_softmax(model(jnp.asarray([PROMPTS[0]]))[0, -1])
+    np.testing.assert_allclose(np.asarray(r.logprobs[:3, 0]), np.asarray(lp0[toks[:3, 0]]), atol=1e-5)
+
+
+def test_sampler_logprobs_match_training_forward(model):
+    """Pearson correlation of sampler vs trainer log-probs of the same tokens (fp32): >= 0.999."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=1)
+    prompts = [[int(x) for x in np.random.default_rng(i).integers(1, 97, size=4 + i)] for i in range(6)]
+    r = generate(model, prompts, params)
+    samp, train = [], []
+    for i, prompt in enumerate(prompts):
+        n = int(r.lengths[i])
+        seq = jnp.asarray([prompt + np.asarray(r.tokens[i, :n]).tolist()])
+        logp = jax.nn.log_softmax(model(seq)[0])
+        toks = seq[0, len(prompt):]
+        train.append(np.asarray(logp[len(prompt) - 1:-1][jnp.arange(n), toks]))
+        samp.append(np.asarray(r.logprobs[i, :n]))
+    samp, train = np.concatenate(samp), np.concatenate(train)
+    corr = np.corrcoef(samp, train)[0, 1]
+    assert corr >= 0.999, corr
+    # log p = z_y - logsumexp(z): two terms each within the 1e-4 logit tolerance of the decode test
+    np.testing.assert_allclose(samp, train, atol=2e-4)
+
+
+def test_top_p_top_k_truncation_and_truncated_logprobs():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    kept = np.isfinite(np.asarray(truncate(logits, 0, 0.7)))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, then 0.5 + 0.3 reaches it
+    assert np.isfinite(np.asarray(truncate(logits, 1, 1.0))).tolist() == [[True, False, False, False]]
+    from m1jax.rollout import sample
+
+    s = sample(jnp.repeat(logits, 512, 0), jax.random.key(0), SamplingParams(top_p=0.7))
+    assert set(np.asarray(s.token).tolist()) <= {0, 1}
+    # full-vocabulary log-prob vs renormalized over the kept {0, 1}
+    np.testing.assert_allclose(np.asarray(s.logprob), np.log([0.5, 0.3])[np.asarray(s.token)], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(s.logprob_truncated), np.log([0.625, 0.375])[np.asarray(s.token)], rtol=1e-5)
+
+
+def test_stop_tokens_and_repetition_truncation(model):
+    greedy = generate(model, PROMPTS, SamplingParams(greedy=True, max_new_tokens=10))
+    stop = int(greedy.tokens[0, 3])
+    r = generate(model, PROMPTS, SamplingParams(greedy=True, max_new_tokens=10, stop_token_ids=(stop,)))
+    first = int(np.flatnonzero(np.asarray(greedy.tokens[0]) == stop)[0])
+    assert int(r.finish_reason[0]) == STOP and int(r.lengths[0]) == first + 1
+    assert (np.asarray(r.tokens[0, first + 1:]) == 0).all()
+    # A peaked model (LM head x 50): every greedy token has probability > 0.99 -> repetition stop.
+    peaked = MiniMaxM1(CFG, rngs=nnx.Rngs(0))
+    peaked.lm_head.set_value(peaked.lm_head.get_value() * 50)
+    r = generate(peaked, PROMPTS, SamplingParams(greedy=True, max_new_tokens=12, repetition_window=4,
+                                                   repetition_prob=0.99))
+    probs = np.exp(np.asarray(r.logprobs))
+    for i in range(len(PROMPTS)):
+        n = int(r.lengths[i])
+        if int(r.finish_reason[i]) == REPETITION:
+            assert (probs[i, n - 4:n] > 0.99).all()
+    assert (np.asarray(r.finish_reason) == REPETITION).any()
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    from tests.hf_utils import tiny_hf_model
+
+    hf_model = tiny_hf_model()
+    hf_model.save_pretrained(tmp_path)
+    ours = hf.load(str(tmp_path))
+    ids = np.random.default_rng(0).integers(0, 256, size=(3, 9))
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor(ids), attention_mask=torch.ones(3, 9, dtype=torch.long),
+                                max_new_tokens=12, do_sample=False, pad_token_id=0)[:, 9:].numpy()
+    r = generate(ours, ids.tolist(), SamplingParams(greedy=True, max_new_tokens=12))
+    np.testing.assert_array_equal(np.asarray(r.tokens), ref)
