@@ -39,4 +39,9 @@ def get_config():
             param_dtype="float32",
         )
     )
+    c.sampling = ml_collections.ConfigDict(
+        dict(temperature=1.0, top_p=1.0, top_k=0, greedy=False, max_new_tokens=64, stop_token_ids=(),
+             repetition_window=0, repetition_prob=0.99, seed=0)
+    )
+    c.rollout = ml_collections.ConfigDict(dict(batch_size=8, num_samples=1, max_prompt_len=1024))
     return c

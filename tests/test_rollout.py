@@ -136,3 +136,11 @@ def test_greedy_equals_transformers_generate(tmp_path):
                                 max_new_tokens=12, do_sample=False, pad_token_id=0)[:, 9:].numpy()
     r = generate(ours, ids.tolist(), SamplingParams(greedy=True, max_new_tokens=12))
     np.testing.assert_array_equal(np.asarray(r.tokens), ref)
+
+
+def test_chunked_prefill_equals_one_prefill(model):
+    prompts = [list(range(1, 24)), list(range(30, 41))]
+    one = generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=6))
+    chunked = generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=6), prefill_chunk=5)
+    np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(chunked.tokens))
+    np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(chunked.logprobs), atol=1e-4)

@@ -53,15 +53,31 @@ def _fork(cache, g: int):
     return jax.tree_util.tree_map_with_path(rep, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples"))
-def _generate(graphdef, state, ids, mask, key, params: SamplingParams, num_samples: int) -> Rollout:
+def _prefill(graphdef, state, ids, mask, cache, chunk: int):
+    """Prefill the cache in chunks of ``chunk`` columns (a lax.scan), so that softmax attention
+    scores are [chunk, max_len] rather than [prompt, max_len]. Returns (last logits [B, V], cache)."""
+    b, p = ids.shape
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    n = p // chunk
+    split = lambda x: x.reshape(b, n, chunk).swapaxes(0, 1)  # noqa: E731
+
+    def body(cache, xs):
+        i, ids_c, mask_c, pos_c = xs
+        logits, cache = nnx.merge(graphdef, state).forward_with_cache(ids_c, cache, i * chunk, mask_c, pos_c)
+        return cache, logits[:, -1]
+
+    cache, last = jax.lax.scan(body, cache, (jnp.arange(n), split(ids), split(mask), split(positions)))
+    return last[-1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples", "prefill_chunk"))
+def _generate(graphdef, state, ids, mask, key, params: SamplingParams, num_samples: int,
+              prefill_chunk: int) -> Rollout:
     model: MiniMaxM1 = nnx.merge(graphdef, state)
     b, p = ids.shape
     max_new = params.max_new_tokens
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = model.init_cache(b, p + max_new)
-    logits, cache = model.forward_with_cache(ids, cache, 0, mask, positions)
-    last = logits[:, -1]
+    last, cache = _prefill(graphdef, state, ids, mask, cache, min(prefill_chunk, p))
     n_real = mask.sum(axis=1).astype(jnp.int32)
     if num_samples > 1:
         cache, last, n_real = _fork(cache, num_samples), jnp.repeat(last, num_samples, 0), jnp.repeat(n_real, num_samples)
@@ -105,17 +121,23 @@ def _generate(graphdef, state, ids, mask, key, params: SamplingParams, num_sampl
 
 
 def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int = 1, key=None,
-             prompt_mask=None) -> Rollout:
+             prompt_mask=None, prefill_chunk: int = 2048) -> Rollout:
     """Sample ``num_samples`` completions per prompt.
 
     prompts: a list of token-id lists (left-padded here), or ids [B, P] with ``prompt_mask``.
     Returns a Rollout with N = B * num_samples rows (the samples of prompt i are rows
-    i*num_samples ... i*num_samples + num_samples - 1).
+    i*num_samples ... i*num_samples + num_samples - 1). Prompts longer than ``prefill_chunk`` are
+    prefilled chunk by chunk (left-padded to a multiple of it).
     """
     if prompt_mask is None:
         ids, mask = left_pad(prompts)
     else:
-        ids, mask = prompts, prompt_mask
+        ids, mask = np.asarray(prompts), np.asarray(prompt_mask)
+    width = ids.shape[1]
+    if width > prefill_chunk and width % prefill_chunk:
+        extra = prefill_chunk - width % prefill_chunk
+        ids, mask = np.pad(ids, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
     key = jax.random.key(params.seed) if key is None else key
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, params, num_samples)
+    return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, params, num_samples,
+                     min(prefill_chunk, ids.shape[1]))
