@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from m1jax.model import MiniMaxM1
+from m1jax.sharding import constrain_state
 
 
 def lm_loss(model: MiniMaxM1, ids, mask=None):
@@ -32,6 +33,8 @@ def make_train_step(loss_fn=lm_loss):
     def step(model, optimizer, *batch):
         (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, *batch)
         optimizer.update(model, grads)
-        return {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        constrain_state(model)
+        constrain_state(optimizer)
+        return {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
     return step

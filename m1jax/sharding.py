@@ -165,6 +165,21 @@ def current_mesh():
     return None if mesh.empty or math.prod(mesh.shape.values()) == 1 else mesh
 
 
+def constrain_state(module) -> None:
+    """Pin every variable with logical axes to its rule sharding (inside jit; no-op without a mesh).
+
+    Used after an optimizer update so that parameters and optimizer state keep the shardings they
+    were created with instead of whatever the partitioner would choose for the update's output."""
+    mesh = current_mesh()
+    if mesh is None:
+        return
+    for _, var in nnx.to_flat_state(nnx.state(module)):
+        axes = var.get_metadata().get("axes")
+        value = var.get_value()
+        if axes is not None and hasattr(value, "shape") and len(value.shape) >= len(axes):
+            var.set_value(jax.lax.with_sharding_constraint(value, spec_for(axes, value.shape, mesh)))
+
+
 def constrain(x, *logical):
     """with_sharding_constraint by logical axis names; a no-op without a mesh."""
     mesh = current_mesh()

@@ -144,3 +144,39 @@ def test_memory_plan_matches_real_shards():
     total, per_device, _ = param_bytes(CFG, mc)
     assert per_device == real
     assert total == CFG.param_count() * 4
+
+
+def test_rollout_and_training_share_the_sharded_params(reference):
+    """Sampling on the training mesh reads the training parameters in place: same buffers, same
+    shardings, no copy or reshard; the greedy tokens equal single-device sampling."""
+    from m1jax.lm import make_train_step
+    from m1jax.optim import OptimConfig, make_optimizer
+    from m1jax.rollout import SamplingParams, generate
+
+    model1 = reference[0]
+    mesh = shd.make_mesh(MESHES["data2_expert4"])
+    model = shd.create_sharded(lambda: MiniMaxM1(CFG, rngs=nnx.Rngs(0)), mesh)
+    for (_, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(model1))):
+        a.set_value(jax.device_put(b.get_value(), a.get_value().sharding))
+
+    def buffers():
+        return {p: (tuple(s.data.unsafe_buffer_pointer() for s in v.get_value().addressable_shards),
+                    v.get_value().sharding) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+    before = buffers()
+    prompts = [[int(x) for x in np.random.default_rng(i).integers(1, CFG.vocab_size, size=3 + i % 3)] for i in range(8)]
+    params = SamplingParams(greedy=True, max_new_tokens=5)
+    with jax.set_mesh(mesh):
+        r = generate(model, prompts, params)
+    assert buffers() == before
+    np.testing.assert_array_equal(np.asarray(r.tokens), np.asarray(generate(model1, prompts, params).tokens))
+    # ... and a training step on the same object keeps every parameter's sharding.
+    optimizer = nnx.Optimizer(model, make_optimizer(OptimConfig(learning_rate=1e-3)), wrt=nnx.Param)
+    ids = jax.device_put(jnp.asarray(np.concatenate([np.asarray(r.tokens)] * 2, 1)), shd.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        make_train_step()(model, optimizer, ids)
+    after = buffers()
+    ndim = {p: v.get_value().ndim for p, v in nnx.to_flat_state(nnx.state(model))}
+    changed = {p: (before[p][1].spec, after[p][1].spec) for p in before
+               if not after[p][1].is_equivalent_to(before[p][1], ndim[p])}
+    assert not changed, changed

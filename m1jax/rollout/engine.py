@@ -70,18 +70,24 @@ def _prefill(graphdef, state, ids, mask, cache, chunk: int):
     return last[-1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples", "prefill_chunk"))
-def _generate(graphdef, state, ids, mask, key, params: SamplingParams, num_samples: int,
-              prefill_chunk: int) -> Rollout:
-    model: MiniMaxM1 = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "chunk"))
+def prefill(graphdef, state, ids, mask, max_new: int, chunk: int):
+    """Fill a fresh hybrid cache of prompt + max_new columns. Returns (last logits, cache, n_real)."""
     b, p = ids.shape
+    cache = nnx.merge(graphdef, state).init_cache(b, p + max_new)
+    last, cache = _prefill(graphdef, state, ids, mask, cache, chunk)
+    return last, cache, mask.sum(axis=1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples"), donate_argnames=("cache",))
+def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: SamplingParams,
+           num_samples: int) -> Rollout:
+    """The decode loop (one lax.while_loop) from a prefilled cache; forks it to num_samples first."""
+    p = prompt_width
     max_new = params.max_new_tokens
-    cache = model.init_cache(b, p + max_new)
-    last, cache = _prefill(graphdef, state, ids, mask, cache, min(prefill_chunk, p))
-    n_real = mask.sum(axis=1).astype(jnp.int32)
     if num_samples > 1:
         cache, last, n_real = _fork(cache, num_samples), jnp.repeat(last, num_samples, 0), jnp.repeat(n_real, num_samples)
-    n = b * num_samples
+    n = last.shape[0]
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     f32 = jnp.zeros((n, max_new), jnp.float32)
     init = dict(
@@ -139,5 +145,6 @@ def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int
         ids, mask = np.pad(ids, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
     key = jax.random.key(params.seed) if key is None else key
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, params, num_samples,
-                     min(prefill_chunk, ids.shape[1]))
+    last, cache, n_real = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), params.max_new_tokens,
+                                  min(prefill_chunk, ids.shape[1]))
+    return decode(graphdef, state, cache, last, n_real, ids.shape[1], key, params, num_samples)
