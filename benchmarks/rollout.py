@@ -91,7 +91,7 @@ def main():
         best = float("inf")
         for _ in range(2):
             t = time.perf_counter()
-            last, cache, n_real = jax.block_until_ready(prefill(graphdef, state, ids, mask, a.decode_steps, min(ctx, 2048)))
+            last, cache, n_real, _ = jax.block_until_ready(prefill(graphdef, state, ids, mask, a.decode_steps, min(ctx, 2048)))
             t_pre = time.perf_counter() - t
             t = time.perf_counter()
             jax.block_until_ready(decode(graphdef, state, cache, last, n_real, ctx, jax.random.key(0), sp, 1).tokens)

@@ -144,3 +144,18 @@ def test_chunked_prefill_equals_one_prefill(model):
     chunked = generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=6), prefill_chunk=5)
     np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(chunked.tokens))
     np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(chunked.logprobs), atol=1e-4)
+
+
+def test_routing_record_matches_a_full_forward(model):
+    """Recorded top-k expert ids of prompt and completion tokens equal those of one forward pass."""
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3]]
+    r = generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=4), record_routing=True)
+    assert r.routing.shape == (2, 4, CFG.num_layers, 2) and r.prompt_routing.shape == (2, 5, CFG.num_layers, 2)
+    for i, prompt in enumerate(prompts):
+        seq = prompt + np.asarray(r.tokens[i]).tolist()
+        stats = model.forward(jnp.asarray([seq])).router_stats  # expert_ids: [L, T, k]
+        ref = np.sort(np.asarray(stats.expert_ids), -1).transpose(1, 0, 2)  # [T, L, k]
+        pad = 5 - len(prompt)
+        np.testing.assert_array_equal(np.sort(np.asarray(r.prompt_routing[i, pad:]), -1), ref[: len(prompt)])
+        # completion token j is routed when it is fed back in, as the input at position len(prompt) + j
+        np.testing.assert_array_equal(np.sort(np.asarray(r.routing[i]), -1), ref[len(prompt):])

@@ -197,9 +197,13 @@ class MiniMaxM1(nnx.Module):
             "key_valid": jnp.zeros((batch, max_len), jnp.int32),
         }
 
-    def forward_with_cache(self, input_ids, cache, cache_index, attention_mask=None, positions=None):
-        """Prefill (seq > 1) or decode (seq = 1) against a hybrid cache. Returns (logits, cache)."""
-        h, _, cache = self.hidden_states(input_ids, attention_mask, positions, cache, cache_index)
+    def forward_with_cache(self, input_ids, cache, cache_index, attention_mask=None, positions=None,
+                           return_routing: bool = False):
+        """Prefill (seq > 1) or decode (seq = 1) against a hybrid cache. Returns (logits, cache), plus
+        the routing [num_layers, batch * seq, top_k] expert ids when return_routing."""
+        h, stats, cache = self.hidden_states(input_ids, attention_mask, positions, cache, cache_index)
+        if return_routing:
+            return self.logits(h), cache, stats.expert_ids
         return self.logits(h), cache
 
     def logits(self, h):

@@ -20,6 +20,7 @@ class RouterStats(NamedTuple):
     prob_sum: jax.Array  # [E] sum over rows of softmax(router logits)
     count: jax.Array  # [E] number of (row, slot) assignments to each expert
     rows: jax.Array  # [] number of rows counted
+    expert_ids: jax.Array  # [N, top_k] int32: the routing of every token (for routing replay)
 
 
 def route(logits, top_k: int):
@@ -54,7 +55,7 @@ def expert_mlp(x, ids, weights, w1, w3, w2):
 
 def _router_stats(probs, ids, row_w, num_experts):
     onehot = jax.nn.one_hot(ids, num_experts, dtype=F32).sum(axis=1)  # [N, E]
-    return RouterStats(prob_sum=row_w @ probs, count=row_w @ onehot, rows=row_w.sum())
+    return RouterStats(prob_sum=row_w @ probs, count=row_w @ onehot, rows=row_w.sum(), expert_ids=ids.astype(jnp.int32))
 
 
 def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor: float | None):
@@ -84,8 +85,8 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
         logits = jnp.dot(xf.astype(F32), router, precision=HIGHEST)
         weights, ids, probs = route(logits, top_k)
         stats = _router_stats(probs, ids, mask.reshape(-1).astype(F32), num_experts)
-        if bax:
-            stats = jax.tree.map(lambda s: jax.lax.psum(s, bax), stats)
+        if bax:  # global sums; the per-token routing stays sharded like the tokens
+            stats = stats._replace(**{f: jax.lax.psum(getattr(stats, f), bax) for f in ("prob_sum", "count", "rows")})
         cap = n * top_k if capacity_factor is None else max(1, math.ceil(n * top_k / ep * capacity_factor))
         dest = (ids // e_loc).reshape(-1)  # [n*k] destination expert shard
         pos = jnp.take_along_axis(jnp.cumsum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), 0) - 1, dest[:, None], 1)[:, 0]
@@ -108,7 +109,7 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
         local,
         in_specs=(P(bspec, None, None), P(bspec, None), P(), P("expert", None, mlp), P("expert", None, mlp),
                   P("expert", mlp, None)),
-        out_specs=(P(bspec, None, None), RouterStats(P(), P(), P())),
+        out_specs=(P(bspec, None, None), RouterStats(P(), P(), P(), P(bspec, None))),
         check_vma=False,
     )
     return fn(x, mask, router, w1, w3, w2)

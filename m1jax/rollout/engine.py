@@ -29,6 +29,9 @@ class Rollout(NamedTuple):
     logprobs_truncated: jax.Array  # [N, max_new_tokens] under the truncated distribution
     lengths: jax.Array  # [N] generated tokens (the stop token included)
     finish_reason: jax.Array  # [N] int32, keys of FINISH_REASONS
+    # With record_routing: top-k expert ids per token and layer, for routing replay in training.
+    routing: jax.Array | None = None  # [N, max_new_tokens, num_layers, top_k]
+    prompt_routing: jax.Array | None = None  # [B, prompt_width, num_layers, top_k] (left-padded)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
@@ -55,7 +58,9 @@ def _fork(cache, g: int):
 
 def _prefill(graphdef, state, ids, mask, cache, chunk: int):
     """Prefill the cache in chunks of ``chunk`` columns (a lax.scan), so that softmax attention
-    scores are [chunk, max_len] rather than [prompt, max_len]. Returns (last logits [B, V], cache)."""
+    scores are [chunk, max_len] rather than [prompt, max_len].
+
+    Returns (last logits [B, V], cache, routing [B, P, num_layers, top_k])."""
     b, p = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     n = p // chunk
@@ -63,11 +68,14 @@ def _prefill(graphdef, state, ids, mask, cache, chunk: int):
 
     def body(cache, xs):
         i, ids_c, mask_c, pos_c = xs
-        logits, cache = nnx.merge(graphdef, state).forward_with_cache(ids_c, cache, i * chunk, mask_c, pos_c)
-        return cache, logits[:, -1]
+        logits, cache, routing = nnx.merge(graphdef, state).forward_with_cache(
+            ids_c, cache, i * chunk, mask_c, pos_c, return_routing=True)
+        return cache, (logits[:, -1], routing)
 
-    cache, last = jax.lax.scan(body, cache, (jnp.arange(n), split(ids), split(mask), split(positions)))
-    return last[-1], cache
+    cache, (last, routing) = jax.lax.scan(body, cache, (jnp.arange(n), split(ids), split(mask), split(positions)))
+    layers, k = routing.shape[1], routing.shape[-1]
+    routing = routing.reshape(n, layers, b, chunk, k).transpose(2, 0, 3, 1, 4).reshape(b, p, layers, k)
+    return last[-1], cache, routing
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "chunk"))
@@ -75,13 +83,14 @@ def prefill(graphdef, state, ids, mask, max_new: int, chunk: int):
     """Fill a fresh hybrid cache of prompt + max_new columns. Returns (last logits, cache, n_real)."""
     b, p = ids.shape
     cache = nnx.merge(graphdef, state).init_cache(b, p + max_new)
-    last, cache = _prefill(graphdef, state, ids, mask, cache, chunk)
-    return last, cache, mask.sum(axis=1).astype(jnp.int32)
+    last, cache, routing = _prefill(graphdef, state, ids, mask, cache, chunk)
+    return last, cache, mask.sum(axis=1).astype(jnp.int32), routing
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples", "record_routing"),
+                   donate_argnames=("cache",))
 def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: SamplingParams,
-           num_samples: int) -> Rollout:
+           num_samples: int, record_routing: bool = False) -> Rollout:
     """The decode loop (one lax.while_loop) from a prefilled cache; forks it to num_samples first."""
     p = prompt_width
     max_new = params.max_new_tokens
@@ -95,6 +104,9 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
         reason=jnp.zeros((n,), jnp.int32), run=jnp.zeros((n,), jnp.int32), lengths=jnp.zeros((n,), jnp.int32),
         tokens=jnp.zeros((n, max_new), jnp.int32), logprobs=f32, logprobs_truncated=f32,
     )
+    if record_routing:
+        cfg = nnx.merge(graphdef, state).cfg
+        init["routing"] = jnp.zeros((n, max_new, cfg.num_layers, cfg.num_experts_per_tok), jnp.int32)
 
     def cond(c):
         return (c["step"] < max_new) & ~jnp.all(c["done"])
@@ -113,27 +125,33 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
         reason = jnp.where((reason == RUNNING) & (step + 1 >= max_new), LENGTH, reason)
         reason = jnp.where(active, reason, c["reason"])
         # NNX modules must be built in the trace that uses them: merge inside the loop body.
-        logits, cache = nnx.merge(graphdef, state).forward_with_cache(
-            tok[:, None], c["cache"], p + step, None, (n_real + step)[:, None]
+        logits, cache, routing = nnx.merge(graphdef, state).forward_with_cache(
+            tok[:, None], c["cache"], p + step, None, (n_real + step)[:, None], return_routing=True
         )
-        return dict(
+        extra = {}
+        if record_routing:  # the routing of the token just fed (the one sampled at this step)
+            ids = jnp.where(active[:, None, None], routing.transpose(1, 0, 2), 0)
+            extra["routing"] = c["routing"].at[:, step].set(ids)
+        return dict(**extra,
             step=step + 1, cache=cache, last=logits[:, 0], key=key, done=reason != RUNNING, reason=reason,
             run=run, lengths=c["lengths"] + active, tokens=put(c["tokens"], tok),
             logprobs=put(c["logprobs"], s.logprob), logprobs_truncated=put(c["logprobs_truncated"], s.logprob_truncated),
         )
 
     c = jax.lax.while_loop(cond, body, init)
-    return Rollout(c["tokens"], c["logprobs"], c["logprobs_truncated"], c["lengths"], c["reason"])
+    return Rollout(c["tokens"], c["logprobs"], c["logprobs_truncated"], c["lengths"], c["reason"],
+                   c.get("routing"))
 
 
 def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int = 1, key=None,
-             prompt_mask=None, prefill_chunk: int = 2048) -> Rollout:
+             prompt_mask=None, prefill_chunk: int = 2048, record_routing: bool = False) -> Rollout:
     """Sample ``num_samples`` completions per prompt.
 
     prompts: a list of token-id lists (left-padded here), or ids [B, P] with ``prompt_mask``.
     Returns a Rollout with N = B * num_samples rows (the samples of prompt i are rows
     i*num_samples ... i*num_samples + num_samples - 1). Prompts longer than ``prefill_chunk`` are
-    prefilled chunk by chunk (left-padded to a multiple of it).
+    prefilled chunk by chunk (left-padded to a multiple of it). ``record_routing`` adds the top-k
+    expert ids of every prompt and completion token in every layer (Rollout.routing, .prompt_routing).
     """
     if prompt_mask is None:
         ids, mask = left_pad(prompts)
@@ -145,6 +163,7 @@ def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int
         ids, mask = np.pad(ids, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
     key = jax.random.key(params.seed) if key is None else key
     graphdef, state = nnx.split(model)
-    last, cache, n_real = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), params.max_new_tokens,
-                                  min(prefill_chunk, ids.shape[1]))
-    return decode(graphdef, state, cache, last, n_real, ids.shape[1], key, params, num_samples)
+    last, cache, n_real, prompt_routing = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
+                                                  params.max_new_tokens, min(prefill_chunk, ids.shape[1]))
+    out = decode(graphdef, state, cache, last, n_real, ids.shape[1], key, params, num_samples, record_routing)
+    return out._replace(prompt_routing=prompt_routing) if record_routing else out
