@@ -69,4 +69,6 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
             mu_dtype=jnp.float32, weight_decay=cfg.weight_decay,
         )
     )
-    return optax.chain(*parts)
+    # A non-finite gradient leaves parameters and moments untouched (the step is skipped and
+    # counted); train.py stops with an error after a run of them.
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=1_000_000)

@@ -1,0 +1,36 @@
+"""The default job: a tiny hybrid MiniMax model learns 2-digit addition, SFT warm start then CISPO.
+
+    python train.py --config=configs/arith_cispo.py --workdir=runs/arith
+"""
+
+import ml_collections
+
+from m1jax.data.arith import VOCAB_SIZE
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=VOCAB_SIZE, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+        layer_types=("linear_attention",) * 3 + ("full_attention",), num_experts=4, num_experts_per_tok=2,
+        intermediate_size=256, rotary_dim=32, block_size=16, rope_theta=10000.0,
+        linear_attn_alpha=1.68, full_attn_alpha=1.68, mlp_alpha=1.68,  # (2 * 4) ** 0.25
+        max_position_embeddings=64,
+    ))
+    c.data = ml_collections.ConfigDict(dict(digits=2, eval_size=200, eval_seed=12345))
+    c.sft = ml_collections.ConfigDict(dict(steps=700, batch_size=64))
+    c.sft_optim = ml_collections.ConfigDict(dict(learning_rate=3e-3, warmup_steps=20, weight_decay=0.0,
+                                                 max_grad_norm=1.0))
+    c.rl = ml_collections.ConfigDict(dict(
+        steps=200, prompts_per_step=32, samples_per_prompt=8, updates_per_rollout=2, minibatches=2,
+        temperature=1.0, loss="cispo", is_weight_max=5.0, aggregation="token_mean", advantage_std="group",
+        dynamic_sampling=True, max_gen_batches=3,
+    ))
+    c.rl_optim = ml_collections.ConfigDict(dict(learning_rate=1.5e-4, warmup_steps=0, weight_decay=0.0,
+                                                max_grad_norm=1.0))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=20, keep=2))
+    c.max_nonfinite_in_a_row = 5
+    c.log_every = 25
+    c.crash_after_step = ml_collections.config_dict.placeholder(int)  # testing hook: exit after this step
+    return c

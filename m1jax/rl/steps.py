@@ -1,0 +1,54 @@
+"""Jitted training steps: supervised warm start and CISPO updates (one source for train.py and tests)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from m1jax.rl.cispo import LossConfig, cispo_loss
+from m1jax.sharding import constrain_state
+
+
+def token_logprobs(model, ids):
+    """log pi(ids[:, t] | ids[:, <t]) for t >= 1: [B, T-1], and the full forward's aux loss."""
+    out = model.forward(ids)
+    logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32))
+    return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0], out.aux_loss
+
+
+@nnx.jit
+def sft_step(model, optimizer, ids, loss_mask):
+    """Cross-entropy on the tokens where loss_mask[:, t] = 1 (t >= 1), + router aux loss."""
+
+    def loss_fn(model):
+        lp, aux = token_logprobs(model, ids)
+        m = loss_mask[:, 1:].astype(jnp.float32)
+        ce = -jnp.sum(lp * m) / jnp.maximum(m.sum(), 1.0)
+        return ce + model.cfg.router_aux_loss_coef * aux, ce
+
+    (loss, ce), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    constrain_state(model)
+    return {"sft_loss": ce, "grad_norm": optax.tree.norm(grads)}
+
+
+@nnx.jit(static_argnames=("cfg",))
+def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, cfg: LossConfig):
+    """One CISPO update on a minibatch. ids [B, T] (prompt + completion); comp_mask [B, T-1] marks
+    completion targets; old_logp [B, T-1] (pi_old at those targets); weights [B, T-1] from
+    token_weights over the whole optimizer batch."""
+
+    def loss_fn(model):
+        lp, aux = token_logprobs(model, ids)
+        loss, metrics = cispo_loss(lp, old_logp, advantages, weights * comp_mask, cfg)
+        entropy_proxy = -jnp.sum(lp * weights * comp_mask)
+        return loss + model.cfg.router_aux_loss_coef * aux * jnp.sum(weights * comp_mask), (metrics, entropy_proxy)
+
+    (loss, (metrics, nll)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    gnorm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    optimizer.update(model, grads)  # the optax chain skips non-finite updates (optax.apply_if_finite)
+    constrain_state(model)
+    return {"loss": loss, "grad_norm": gnorm, "finite": finite, "nll": nll, **metrics}
