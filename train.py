@@ -48,8 +48,8 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     # Everything is validated before anything compiles.
     cfg = model_config(config)
-    sft_opt_cfg = OptimConfig.from_dict(config.sft_optim.to_dict())
-    rl_opt_cfg = OptimConfig.from_dict(config.rl_optim.to_dict())
+    sft_opt_cfg = OptimConfig.from_dict(config.sft_optim.to_dict(), "sft_optim")
+    rl_opt_cfg = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim")
     rl = config.rl
     if rl.loss not in PRESETS:
         raise ValueError(f"rl.loss={rl.loss!r}: use one of {sorted(PRESETS)}.")

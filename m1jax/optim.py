@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import optax
 
+from m1jax.model.config import dataclass_from_dict
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -40,12 +42,8 @@ class OptimConfig:
         need(self.eps >= 0 and self.warmup_steps >= 0, "eps/warmup_steps", "must be >= 0.")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "OptimConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"optim: unknown key(s) {unknown}; valid keys are {sorted(names)}.")
-        return cls(**dict(d))
+    def from_dict(cls, d: Mapping[str, Any], section: str = "optim") -> "OptimConfig":
+        return dataclass_from_dict(cls, d, section)
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:

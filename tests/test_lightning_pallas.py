@@ -13,6 +13,7 @@ import pytest
 
 from kernels_pallas import lightning_attention, lightning_attention_sequential, lightning_decode
 from tests.np_reference import lightning_recurrence
+from tests.test_lightning_xla import make_inputs
 
 ON_GPU = jax.default_backend() == "gpu"
 VARIANTS = ["gpu"] if ON_GPU else ["gpu", "tpu"]
@@ -25,11 +26,7 @@ def kw(variant):
 
 
 def inputs(b=2, t=37, h=4, d=16, seed=0, state=True):
-    rng = np.random.default_rng(seed)
-    q, k, v = (rng.normal(size=(b, t, h, d)) * 0.5 for _ in range(3))
-    sigma = np.array([1.0, 0.3, 0.05, 1e-4])[:h]
-    s0 = rng.normal(size=(b, h, d, d)) if state else None
-    return q, k, v, sigma, s0
+    return make_inputs(b, t, h, d, seed, state)
 
 
 def f32(*xs):

@@ -38,3 +38,16 @@ def test_resume_after_crash_is_bit_exact(tmp_path):
             assert m[keys[m["phase"]]] == ref[(m["phase"], m["step"])][keys[m["phase"]]], m
             compared += 1
     assert compared >= 3
+
+
+def test_ci_sized_default_job_reward_rises(tmp_path):
+    """The default job, shortened: after the SFT warm start, CISPO raises the sampled reward."""
+    res = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path}", "--config=configs/arith_cispo.py",
+                          "--config.rl.steps=30", "--config.data.eval_size=50"],
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rl = [m["reward_mean"] for m in metrics(tmp_path) if m["phase"] == "rl"]
+    assert len(rl) == 30
+    first, last = sum(rl[:10]) / 10, sum(rl[-10:]) / 10
+    assert last > first + 0.02, (first, last)  # measured here: 0.135 -> 0.176
+    assert (tmp_path / "eval.json").exists() and (tmp_path / "reward_curve.png").exists()

@@ -161,16 +161,21 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Build from a plain mapping (e.g. an ml_collections ConfigDict), rejecting unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"model: unknown key(s) {unknown}; valid keys are {sorted(names)}.")
-        return cls(**dict(d))
+        return dataclass_from_dict(cls, d, "model")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
         return d
+
+
+def dataclass_from_dict(cls, d: Mapping[str, Any], section: str):
+    """cls(**d) for a config section, naming unknown keys and the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; valid keys are {sorted(names)}.")
+    return cls(**dict(d))
 
 
 def _alibi_slopes(n: int) -> list[float]:
