@@ -36,7 +36,7 @@ def main(argv):
     from flax import nnx
 
     from m1jax.configs import model_config
-    from m1jax.data import arith
+    from m1jax.data import arith, rewards
     from m1jax.model import MiniMaxM1
     from m1jax.optim import OptimConfig, make_optimizer
     from m1jax.rl import PRESETS, group_advantages, groups_with_signal, token_weights
@@ -60,6 +60,7 @@ def main(argv):
         raise ValueError(f"rl.minibatches={rl.minibatches} must divide rl.prompts_per_step={rl.prompts_per_step}.")
     print(f"objective: {loss_cfg.describe()}", flush=True)
     digits = config.data.digits
+    reward_fn = rewards.get(rl.reward)  # unknown names fail here, before compiling
     total_steps = config.sft.steps + rl.steps
 
     model = MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed))
@@ -131,26 +132,34 @@ def main(argv):
         else:  # -------------------------------------------------------------------------- RL
             t0 = time.perf_counter()
             kept_ids, kept_rewards, kept_old, kept_len, n_gen, all_rewards = [], [], [], [], 0, []
+            n_reward_failures = 0
             while len(kept_rewards) < rl.prompts_per_step and n_gen < rl.max_gen_batches:
                 probs = [next(rl_it) for _ in range(rl.prompts_per_step)]
                 key, sub = jax.random.split(key)
                 r = jax.device_get(generate(model, [p.prompt_ids for p in probs], sampling,
                                             num_samples=rl.samples_per_prompt, key=sub))
                 g = rl.samples_per_prompt
-                rewards = np.asarray([[arith.reward(r.tokens[i * g + j, :r.lengths[i * g + j]], p.answer)
-                                       for j in range(g)] for i, p in enumerate(probs)])
-                all_rewards.append(rewards)
-                keep = groups_with_signal(rewards) if rl.dynamic_sampling else np.ones(len(probs), bool)
+                texts = [arith.completion_text(r.tokens[i, :r.lengths[i]]) for i in range(len(probs) * g)]
+                report = rewards.score_all(reward_fn, [arith.decode(p.prompt_ids) for p in probs for _ in range(g)],
+                                           texts, [p.answer for p in probs for _ in range(g)], rl.reward_timeout_s)
+                n_reward_failures += report.errors + report.timeouts
+                for msg in report.messages[:3]:
+                    print(f"\nreward failure (scored 0): {msg}", flush=True)
+                scores = np.asarray(report.scores).reshape(len(probs), g)
+                all_rewards.append(scores)
+                keep = groups_with_signal(scores) if rl.dynamic_sampling else np.ones(len(probs), bool)
                 for i in np.flatnonzero(keep):
                     rows = slice(i * g, (i + 1) * g)
                     kept_ids.append(np.concatenate([np.tile(probs[i].prompt_ids, (g, 1)), r.tokens[rows]], 1))
                     kept_old.append(r.logprobs[rows])
                     kept_len.append(r.lengths[rows])
-                    kept_rewards.append(rewards[i])
+                    kept_rewards.append(scores[i])
                 n_gen += 1
             all_rewards = np.concatenate(all_rewards)
+            n_failures_step, n_reward_failures = n_reward_failures, 0
             rec = {"step": step, "phase": "rl", "reward_mean": all_rewards.mean(),
-                   "pass_rate": (all_rewards > 0).mean(), "groups_kept": len(kept_rewards), "gen_batches": n_gen}
+                   "pass_rate": (all_rewards > 0).mean(), "groups_kept": len(kept_rewards), "gen_batches": n_gen,
+                   "reward_failures": n_failures_step}
             if kept_rewards:
                 kept_rewards = kept_rewards[: rl.prompts_per_step]
                 n = len(kept_rewards)

@@ -25,7 +25,7 @@ def get_config():
     c.rl = ml_collections.ConfigDict(dict(
         steps=200, prompts_per_step=32, samples_per_prompt=8, updates_per_rollout=2, minibatches=2,
         temperature=1.0, loss="cispo", is_weight_max=5.0, aggregation="token_mean", advantage_std="group",
-        dynamic_sampling=True, max_gen_batches=3,
+        dynamic_sampling=True, max_gen_batches=3, reward="exact_match", reward_timeout_s=5.0,
     ))
     c.rl_optim = ml_collections.ConfigDict(dict(learning_rate=1.5e-4, warmup_steps=0, weight_decay=0.0,
                                                 max_grad_norm=1.0))

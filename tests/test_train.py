@@ -1,8 +1,13 @@
 """train.py end to end (CI-sized): runs, writes eval.json/metrics, and resumes bit-exactly."""
 
 import json
+import os
 import subprocess
 import sys
+
+# train.py as a user runs it: one CPU device (not the 8 fake devices conftest sets for mesh tests,
+# which change XLA's CPU numerics and so the trajectory).
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 SMALL = ["--config=configs/arith_cispo.py", "--config.sft.steps=6", "--config.rl.steps=4", "--config.log_every=1",
          "--config.checkpoint.every=5", "--config.data.eval_size=16", "--config.sft.batch_size=16",
@@ -11,7 +16,7 @@ SMALL = ["--config=configs/arith_cispo.py", "--config.sft.steps=6", "--config.rl
 
 def run(workdir, *extra):
     return subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *SMALL, *extra],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=ENV)
 
 
 def metrics(workdir):
@@ -43,11 +48,11 @@ def test_resume_after_crash_is_bit_exact(tmp_path):
 def test_ci_sized_default_job_reward_rises(tmp_path):
     """The default job, shortened: after the SFT warm start, CISPO raises the sampled reward."""
     res = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path}", "--config=configs/arith_cispo.py",
-                          "--config.rl.steps=30", "--config.data.eval_size=50"],
-                         capture_output=True, text=True, timeout=1200)
+                          "--config.rl.steps=40", "--config.data.eval_size=50"],
+                         capture_output=True, text=True, timeout=1200, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     rl = [m["reward_mean"] for m in metrics(tmp_path) if m["phase"] == "rl"]
-    assert len(rl) == 30
+    assert len(rl) == 40
     first, last = sum(rl[:10]) / 10, sum(rl[-10:]) / 10
-    assert last > first + 0.02, (first, last)  # measured here: 0.135 -> 0.176
+    assert last > first + 0.03, (first, last)  # measured here: 0.135 -> 0.190
     assert (tmp_path / "eval.json").exists() and (tmp_path / "reward_curve.png").exists()

@@ -45,6 +45,12 @@ def make_problem(index: int, seed: int, digits: int) -> Problem:
     return Problem([BOS] + encode(prompt), f"{a + b:0{digits + 1}d}")
 
 
+def completion_text(completion_ids) -> str:
+    """The completion as text; one that never emitted eos gets a trailing "…" (so it cannot match)."""
+    ids = [int(t) for t in completion_ids]
+    return decode(ids) + ("" if EOS in ids else "…")
+
+
 def reward(completion_ids, answer: str) -> float:
     """1.0 for exactly the answer followed by eos, else 0.0."""
     ids = [int(t) for t in completion_ids]
