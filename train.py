@@ -39,7 +39,7 @@ def main(argv):
     from m1jax.data import arith, rewards
     from m1jax.model import MiniMaxM1
     from m1jax.optim import OptimConfig, make_optimizer
-    from m1jax.rl import PRESETS, group_advantages, groups_with_signal, token_weights
+    from m1jax.rl import PRESETS, group_advantages, groups_with_signal, overlong_penalty, token_weights
     from m1jax.rl.steps import cispo_step, sft_step, token_logprobs
     from m1jax.rollout import SamplingParams, generate
 
@@ -56,6 +56,13 @@ def main(argv):
     loss_cfg = dataclasses.replace(PRESETS[rl.loss], aggregation=rl.aggregation)
     if rl.loss == "cispo":
         loss_cfg = dataclasses.replace(loss_cfg, is_weight_max=rl.is_weight_max)
+    if rl.old_logp not in ("sampler", "recomputed"):
+        raise ValueError(f"rl.old_logp={rl.old_logp!r}: use 'sampler' or 'recomputed'.")
+    if rl.tis_cap is not None:
+        if rl.old_logp != "recomputed":
+            raise ValueError("rl.tis_cap needs rl.old_logp='recomputed' (with sampler log-probs as pi_old the "
+                             "sampler correction is already inside the CISPO ratio: it would count twice).")
+        loss_cfg = dataclasses.replace(loss_cfg, tis_cap=rl.tis_cap)
     if rl.prompts_per_step % rl.minibatches:
         raise ValueError(f"rl.minibatches={rl.minibatches} must divide rl.prompts_per_step={rl.prompts_per_step}.")
     print(f"objective: {loss_cfg.describe()}", flush=True)
@@ -146,6 +153,9 @@ def main(argv):
                 for msg in report.messages[:3]:
                     print(f"\nreward failure (scored 0): {msg}", flush=True)
                 scores = np.asarray(report.scores).reshape(len(probs), g)
+                if rl.overlong_cache_len > 0:  # DAPO soft overlong penalty, in tokens
+                    scores = scores + overlong_penalty(np.asarray(r.lengths), sampling.max_new_tokens,
+                                                       rl.overlong_cache_len).reshape(len(probs), g)
                 all_rewards.append(scores)
                 keep = groups_with_signal(scores) if rl.dynamic_sampling else np.ones(len(probs), bool)
                 for i in np.flatnonzero(keep):
@@ -173,6 +183,9 @@ def main(argv):
                 adv = group_advantages(np.asarray(kept_rewards), rl.advantage_std).reshape(-1).astype(np.float32)
                 lp_now = np.asarray(token_logprobs(model, jnp.asarray(ids))[0])
                 rec["logprob_corr"] = float(np.corrcoef(lp_now[comp], old[comp])[0, 1]) if comp.sum() > 1 else 1.0
+                sampler_lp = old
+                if rl.old_logp == "recomputed":  # pi_old = the trainer's own forward before the updates
+                    old = np.where(comp, lp_now, 0.0).astype(np.float32)
                 rec["response_len_p50"] = float(np.percentile(lengths, 50))
                 rec["response_len_p99"] = float(np.percentile(lengths, 99))
                 mb_rows = np.array_split(np.random.default_rng(step).permutation(ids.shape[0]), rl.minibatches)
@@ -180,7 +193,8 @@ def main(argv):
                     for rows in mb_rows:
                         w = token_weights(jnp.asarray(comp[rows]), aggregation=loss_cfg.aggregation)
                         m = jax.device_get(cispo_step(model, rl_opt, jnp.asarray(ids[rows]), jnp.asarray(comp[rows]),
-                                                      jnp.asarray(old[rows]), jnp.asarray(adv[rows]), w, loss_cfg))
+                                                      jnp.asarray(old[rows]), jnp.asarray(adv[rows]), w, loss_cfg,
+                                                      jnp.asarray(sampler_lp[rows])))
                         nonfinite = 0 if m["finite"] else nonfinite + 1
                         if nonfinite >= config.max_nonfinite_in_a_row:
                             raise FloatingPointError(

@@ -26,6 +26,10 @@ def get_config():
         steps=200, prompts_per_step=32, samples_per_prompt=8, updates_per_rollout=2, minibatches=2,
         temperature=1.0, loss="cispo", is_weight_max=5.0, aggregation="token_mean", advantage_std="group",
         dynamic_sampling=True, max_gen_batches=3, reward="exact_match", reward_timeout_s=5.0,
+        # pi_old: the sampler's log-probs, or the trainer's forward before the updates (then tis_cap
+        # adds the truncated sampler correction as a separate detached factor).
+        old_logp="sampler", tis_cap=ml_collections.config_dict.placeholder(float),
+        overlong_cache_len=0,  # > 0: DAPO soft overlong penalty over the last this many tokens
     ))
     c.rl_optim = ml_collections.ConfigDict(dict(learning_rate=1.5e-4, warmup_steps=0, weight_decay=0.0,
                                                 max_grad_norm=1.0))

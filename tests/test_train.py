@@ -56,3 +56,13 @@ def test_ci_sized_default_job_reward_rises(tmp_path):
     first, last = sum(rl[:10]) / 10, sum(rl[-10:]) / 10
     assert last > first + 0.03, (first, last)  # measured here: 0.135 -> 0.190
     assert (tmp_path / "eval.json").exists() and (tmp_path / "reward_curve.png").exists()
+
+
+def test_recomputed_old_logp_with_tis_and_overlong_penalty(tmp_path):
+    res = run(tmp_path, "--config.rl.old_logp=recomputed", "--config.rl.tis_cap=2.0",
+              "--config.rl.overlong_cache_len=2", "--config.checkpoint.every=100")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rl = [m for m in metrics(tmp_path) if m["phase"] == "rl"]
+    assert len(rl) == 4 and all("is_weight_mean" in m for m in rl)
+    bad = run(tmp_path / "bad", "--config.rl.tis_cap=2.0")  # TIS on top of sampler pi_old: refused
+    assert bad.returncode != 0 and "count twice" in bad.stderr + bad.stdout

@@ -35,14 +35,16 @@ def sft_step(model, optimizer, ids, loss_mask):
 
 
 @nnx.jit(static_argnames=("cfg",))
-def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, cfg: LossConfig):
+def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, cfg: LossConfig,
+               sampler_logp=None):
     """One CISPO update on a minibatch. ids [B, T] (prompt + completion); comp_mask [B, T-1] marks
     completion targets; old_logp [B, T-1] (pi_old at those targets); weights [B, T-1] from
-    token_weights over the whole optimizer batch."""
+    token_weights over the whole optimizer batch; sampler_logp [B, T-1] feeds the optional truncated
+    IS factor (cfg.tis_cap) when old_logp was recomputed by the trainer."""
 
     def loss_fn(model):
         lp, aux = token_logprobs(model, ids)
-        loss, metrics = cispo_loss(lp, old_logp, advantages, weights * comp_mask, cfg)
+        loss, metrics = cispo_loss(lp, old_logp, advantages, weights * comp_mask, cfg, sampler_logp)
         entropy_proxy = -jnp.sum(lp * weights * comp_mask)
         return loss + model.cfg.router_aux_loss_coef * aux * jnp.sum(weights * comp_mask), (metrics, entropy_proxy)
 
