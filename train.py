@@ -40,7 +40,8 @@ def main(argv):
     from m1jax.model import MiniMaxM1
     from m1jax.optim import OptimConfig, make_optimizer
     from m1jax.rl import PRESETS, group_advantages, groups_with_signal, overlong_penalty, token_weights
-    from m1jax.rl.steps import cispo_step, sft_step, token_logprobs
+    from m1jax.lm import token_logprobs
+    from m1jax.rl.steps import cispo_step, sft_step
     from m1jax.rollout import SamplingParams, generate
 
     config = _CONFIG.value

@@ -11,19 +11,23 @@ from m1jax.model import MiniMaxM1
 from m1jax.sharding import constrain_state
 
 
+def token_logprobs(model: MiniMaxM1, ids, mask=None):
+    """log pi(ids[:, t] | ids[:, <t]) for t >= 1: [B, T-1], and the forward's aux loss."""
+    out = model.forward(ids, attention_mask=mask)
+    logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32))
+    return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0], out.aux_loss
+
+
 def lm_loss(model: MiniMaxM1, ids, mask=None):
     """Next-token cross-entropy (mean over predicted tokens with mask 1) + coef * aux loss.
 
     ids [batch, seq]; mask [batch, seq] (1 = token counted as a target and attended). Returns
     (loss, metrics dict).
     """
-    out = model.forward(ids, attention_mask=mask)
-    logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    w = jnp.ones_like(nll) if mask is None else (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    ce = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-    loss = ce + model.cfg.router_aux_loss_coef * out.aux_loss
-    return loss, {"ce": ce, "aux": out.aux_loss}
+    lp, aux = token_logprobs(model, ids, mask)
+    w = jnp.ones_like(lp) if mask is None else (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    ce = -jnp.sum(lp * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return ce + model.cfg.router_aux_loss_coef * aux, {"ce": ce, "aux": aux}
 
 
 def make_train_step(loss_fn=lm_loss):

@@ -9,7 +9,7 @@ Mesh axes (all four always exist; size 1 means unused):
 
 Every parameter carries logical axis names (``axes`` metadata, set where it is created);
 ``RULES`` maps each name to mesh axes. A dimension that a mesh axis does not divide is left
-replicated (and reported by ``explain``), e.g. 8 kv heads on tensor=16.
+replicated (and reported by ``m1jax.memory_plan``), e.g. 8 kv heads on tensor=16.
 """
 
 from __future__ import annotations
@@ -197,13 +197,3 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def batch_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH if a in mesh.shape and mesh.shape[a] > 1)
-
-
-def explain(state, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> list[tuple[str, tuple, P]]:
-    """(path, shape, spec) for every parameter: the plan, for logs and tests."""
-    rows = []
-    for path, var in nnx.to_flat_state(state):
-        axes = var.get_metadata().get("axes")
-        shape = var.get_value().shape
-        rows.append(("/".join(map(str, path)), shape, spec_for(axes, shape, mesh, rules) if axes else P()))
-    return rows

@@ -52,9 +52,9 @@ def completion_text(completion_ids) -> str:
 
 
 def reward(completion_ids, answer: str) -> float:
-    """1.0 for exactly the answer followed by eos, else 0.0."""
-    ids = [int(t) for t in completion_ids]
-    return 1.0 if EOS in ids and decode(ids) == answer else 0.0
+    """1.0 for exactly the answer followed by eos, else 0.0 (the same test as the RL reward,
+    ``exact_match`` on ``completion_text``)."""
+    return 1.0 if completion_text(completion_ids) == answer else 0.0
 
 
 def problems(seed: int, digits: int) -> grain.MapDataset:

@@ -7,15 +7,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from m1jax.lm import token_logprobs
 from m1jax.rl.cispo import LossConfig, cispo_loss
 from m1jax.sharding import constrain_state
-
-
-def token_logprobs(model, ids):
-    """log pi(ids[:, t] | ids[:, <t]) for t >= 1: [B, T-1], and the full forward's aux loss."""
-    out = model.forward(ids)
-    logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32))
-    return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0], out.aux_loss
 
 
 @nnx.jit
