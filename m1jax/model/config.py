@@ -68,6 +68,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     lm_head_fp32: bool = True
     lightning_impl: str = "auto"  # kernels_pallas.lightning_attention impl
+    # With lightning_impl="pallas": lower this Pallas variant ("tpu" or "gpu") whatever the host's
+    # backend is; None = the host's. Set to "tpu" by m1jax.plan to compile TPU programs on a CPU host.
+    pallas_backend: str | None = None
     scan_layers: bool = True  # scan over repeats of the layer pattern
     remat: bool = False  # rematerialize each repeat of the layer pattern in the backward pass
 
@@ -112,6 +115,8 @@ class ModelConfig:
              f"must be None (dropless) or > 0, got {self.moe_capacity_factor!r}.")
         need(self.lightning_impl in ("auto", "xla", "pallas"), "lightning_impl",
              f"must be 'auto', 'xla' or 'pallas', got {self.lightning_impl!r}.")
+        need(self.pallas_backend in (None, "tpu", "gpu"), "pallas_backend",
+             f"must be None (the host's backend), 'tpu' or 'gpu', got {self.pallas_backend!r}.")
 
     # ------------------------------------------------------------------ derived
     @property

@@ -17,19 +17,27 @@ from m1jax.sharding import batch_axes, current_mesh
 
 
 def _lightning_op(q, k, v, decay_rate, state, cfg: ModelConfig):
-    """The lightning operator; under a mesh, a shard_map over batch and heads (the kernels are
-    per-device programs that the automatic partitioner cannot split)."""
-    op = functools.partial(lightning_attention, block_size=cfg.block_size, impl=cfg.lightning_impl)
+    """The lightning operator: a chunked pass over q, k, v [batch, seq, heads, d] or, for
+    [batch, heads, d] inputs with a state, one decode step. Under a mesh it runs in a shard_map
+    over batch and heads (the kernels are per-device programs that the automatic partitioner
+    cannot split)."""
+    decode = q.ndim == 3
+    kw = dict(impl=cfg.lightning_impl, pallas_backend=cfg.pallas_backend)
+    if decode:
+        op = functools.partial(lightning_decode, **kw)
+    else:
+        op = functools.partial(lightning_attention, block_size=cfg.block_size, **kw)
     mesh = current_mesh()
     if mesh is None:
         return op(q, k, v, decay_rate, state)
-    b, _, h, d = q.shape
+    b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     if state is None:
         state = jnp.zeros((b, h, d, v.shape[-1]), F32)
     bax = batch_axes(mesh)
     bspec = (bax if len(bax) > 1 else bax[0]) if bax else None
     hspec = "tensor" if h % mesh.shape["tensor"] == 0 and mesh.shape["tensor"] > 1 else None
-    x_spec, s_spec = P(bspec, None, hspec, None), P(bspec, hspec, None, None)
+    x_spec = P(bspec, hspec, None) if decode else P(bspec, None, hspec, None)
+    s_spec = P(bspec, hspec, None, None)
     fn = jax.shard_map(op, in_specs=(x_spec, x_spec, x_spec, P(hspec), s_spec), out_specs=(x_spec, s_spec),
                        check_vma=False)
     return fn(q, k, v, decay_rate, state)
@@ -62,7 +70,7 @@ class LightningAttention(nnx.Module):
         u = u.reshape(b, t, h, 3 * d)
         q, k, v = u[..., :d], u[..., d : 2 * d], u[..., 2 * d :]
         if t == 1 and state is not None:  # one decode step: the recurrence
-            o, state = lightning_decode(q[:, 0], k[:, 0], v[:, 0], decay_rate, state, impl=cfg.lightning_impl)
+            o, state = _lightning_op(q[:, 0], k[:, 0], v[:, 0], decay_rate, state, cfg)
             o = o[:, None]
         else:
             o, state = _lightning_op(q, k, v, decay_rate, state, cfg)
