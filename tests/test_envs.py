@@ -7,7 +7,6 @@ import pytest
 
 from m1jax.data import rewards
 from m1jax.envs import Example, FunctionEnv, extract_boxed, make_env, register_env
-from m1jax.envs import tokenizer
 from m1jax.envs.logic import FAMILIES
 
 
@@ -118,12 +117,3 @@ def test_registry_user_environment_in_a_few_lines():
         make_env("test_reverse", colour="red")
     with pytest.raises(ValueError, match="already registered"):
         register_env("test_reverse")(reverse)
-
-
-def test_byte_tokenizer_round_trip_and_padding():
-    text = r"Évaluer \boxed{x}"
-    assert tokenizer.decode(tokenizer.encode(text) + [tokenizer.EOS, 50]) == text
-    ids = tokenizer.prompt_ids("ab", 6)
-    assert ids == [0, 0, 0, tokenizer.BOS, 3 + ord("a"), 3 + ord("b")]
-    with pytest.raises(ValueError, match="prompt_len"):
-        tokenizer.prompt_ids("abcdef", 4)
