@@ -117,3 +117,17 @@ def test_registry_user_environment_in_a_few_lines():
         make_env("test_reverse", colour="red")
     with pytest.raises(ValueError, match="already registered"):
         register_env("test_reverse")(reverse)
+
+
+def test_readme_add_an_environment_snippet_works():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("Add an environment (a prompt source and a reward function)"):]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1).replace('"reverse"', '"readme_reverse"')
+    exec(code, {})  # noqa: S102 -- the README's own example
+    env = make_env("readme_reverse", length=7)
+    ex = env.example(0, 1)
+    assert len(ex.reference) == 7 and env.score(ex.solution, ex.reference).reward == pytest.approx(1.1)
+    assert env.score("\\boxed{nope}", ex.reference).reward == pytest.approx(0.1)

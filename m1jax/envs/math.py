@@ -49,7 +49,7 @@ def equivalent(answer: str, reference: str) -> bool:
     try:
         from math_verify import parse, verify
     except ImportError as e:
-        raise ImportError("the math environment needs math-verify: pip install 'm1jax[envs]'") from e
+        raise ImportError("the math environment needs math-verify: pip install 'm1jax[math]'") from e
     gold = parse(rf"\boxed{{{reference}}}", parsing_timeout=None)
     pred = parse(rf"\boxed{{{answer}}}", parsing_timeout=None)
     return bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
