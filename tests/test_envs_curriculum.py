@@ -114,4 +114,5 @@ def test_ci_sized_curriculum_run_changes_weights_and_window(tmp_path):
     assert rl[2]["length/advanced"] == 1.0 and rl[2]["length/advance_forced"] == 1.0
     assert all("length/gen_ppl" in m and "length/p99_frac_of_window" in m for m in rl)
     assert rl[0]["env/boolean/count"] == 0 and rl[-1]["env/boolean/count"] > 0
+    assert all("genrm/reward_length_corr" in m and m["genrm/length_bias_flag"] == 0.0 for m in rl)
     assert max(m["response_len_p99"] for m in rl[:3]) <= 16 < max(m["response_len_p99"] for m in rl[3:])
