@@ -59,8 +59,12 @@ def test_curriculum_reward_routes_to_each_environment_and_reports_per_env():
     sort_p = next(p for p in probs if json.loads(p.answer)["env"] == "sort")
     ref = json.loads(json.loads(sort_p.answer)["reference"])
     right = "\\boxed{" + ", ".join(map(str, ref)) + "}"
-    assert c.reward("", right, sort_p.answer) == pytest.approx(1.1)
-    assert c.reward("", "\\boxed{True}", sort_p.answer) == pytest.approx(0.1)  # well-formed, wrong
+    assert c.reward("", right, sort_p.answer) == 1.0
+    assert c.reward("", "\\boxed{True}", sort_p.answer) == 0.0  # held-out problems: correctness only
+    rl_p = next(iter(c.iterator(seed=0)))
+    rl_ref = json.loads(json.loads(rl_p.answer)["reference"])
+    assert c.reward("", "\\boxed{" + ", ".join(map(str, rl_ref)) + "}", rl_p.answer) == pytest.approx(1.1)
+    assert c.reward("", "\\boxed{True}", rl_p.answer) == pytest.approx(0.1)  # RL: well-formed, wrong
     m = c.metrics([sort_p], [[1.1, 0.1]], [5, 7])
     assert m == {"env/sort/count": 2, "env/sort/reward_mean": pytest.approx(0.6), "env/sort/solved": 0.5,
                  "env/sort/response_len_mean": 6.0, "env/boolean/count": 0}

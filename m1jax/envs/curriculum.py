@@ -16,8 +16,10 @@ then takes that environment's next example; its state (draw index, step, every e
 stream position) is what train.py checkpoints, so a resumed run draws the same examples.
 
 The RL problems' ``answer`` is JSON ``{"env": name, "reference": ...}``; ``Curriculum.reward`` (the
-reward-registry signature) routes each completion to its environment's verifier. SFT warm-start
-problems (``Task.stream``) carry the environments' known-correct solutions instead.
+reward-registry signature) routes each completion to its environment's verifier. Held-out problems
+add ``"strict": true``: they score correctness only (no format bonus), so train.py's pass@1 (reward
+> 0) counts verified answers. SFT warm-start problems (``Task.stream``) carry the environments'
+known-correct solutions instead.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class Curriculum:
                 raise ValueError(f"environment {name!r} has no known solutions, so it cannot be used for SFT: "
                                  "set sft.steps=0 or give it a weight of 0 at step 0.")
             return Problem(ids, ex.solution)
-        return Problem(ids, json.dumps({"env": name, "reference": ex.reference}))
+        return Problem(ids, json.dumps({"env": name, "reference": ex.reference, "strict": target == "eval"}))
 
     def _stream(self, name: str, seed: int, target: str) -> grain.MapDataset:
         return grain.MapDataset.range(1 << 40).map(lambda i: self._problem(name, int(i), seed, target))
@@ -157,8 +159,8 @@ class Curriculum:
         return iter(ScheduledMix(streams, self.schedule, seed))
 
     def eval_set(self) -> list[Problem]:
-        """``eval_size_per_env`` held-out problems of every environment (their own seed)."""
-        return [self._problem(n, i, self.eval_seed * 1000 + k, "reference")
+        """``eval_size_per_env`` held-out problems of every environment (their own seed; strict)."""
+        return [self._problem(n, i, self.eval_seed * 1000 + k, "eval")
                 for k, n in enumerate(self.names) for i in range(self.eval_size_per_env)]
 
     def task(self) -> Task:
@@ -168,7 +170,8 @@ class Curriculum:
     def reward(self, prompt: str, completion: str, reference: str) -> float:
         """The reward-registry signature; ``reference`` is a curriculum problem's JSON answer."""
         ref = json.loads(reference)
-        return self.envs[ref["env"]].reward(prompt, completion, ref["reference"])
+        score = self.envs[ref["env"]].score(completion, ref["reference"])
+        return score.correct if ref["strict"] else score.reward
 
     def weights(self, step: int) -> dict[str, float]:
         return {f"curriculum/weight/{n}": float(w) for n, w in zip(self.names, self.schedule(step))}
