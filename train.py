@@ -10,7 +10,6 @@ workdir/checkpoints; running the same command again resumes from the latest chec
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -35,6 +34,7 @@ def main(argv):
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from m1jax import runs, storage
     from m1jax.configs import model_config
     from m1jax.data import arith, rewards
     from m1jax.model import MiniMaxM1
@@ -45,8 +45,8 @@ def main(argv):
     from m1jax.rollout import SamplingParams, generate
 
     config = _CONFIG.value
-    workdir = os.path.abspath(_WORKDIR.value)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.prepare_dir(_WORKDIR.value)  # local path or gs://bucket/path
+    storage.write_text(storage.join(workdir, runs.CONFIG_FILE), config.to_json_best_effort(indent=2))
     # Everything is validated before anything compiles.
     cfg = model_config(config)
     sft_opt_cfg = OptimConfig.from_dict(config.sft_optim.to_dict(), "sft_optim")
@@ -79,7 +79,7 @@ def main(argv):
     key = jax.random.key(config.seed)
 
     # ---------------------------------------------------------------- checkpoints (resume)
-    mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+    mgr = ocp.CheckpointManager(storage.join(workdir, runs.CHECKPOINTS),
                                 options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep))
     start, meta = 0, {"eval_before": None}
 
@@ -117,7 +117,7 @@ def main(argv):
         r = jax.device_get(generate(model, [p.prompt_ids for p in eval_set], greedy))
         return float(np.mean([arith.reward(r.tokens[i, :r.lengths[i]], p.answer) for i, p in enumerate(eval_set)]))
 
-    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    metrics_file = storage.open_append(storage.join(workdir, "metrics.jsonl"))
 
     def log(rec):
         metrics_file.write(json.dumps({k: (float(v) if hasattr(v, "__float__") else v) for k, v in rec.items()}) + "\n")
@@ -217,8 +217,7 @@ def main(argv):
     result = {"pass_at_1_before_rl": before, "pass_at_1_after_rl": after,
               "gain_points": None if before is None else 100 * (after - before),
               "eval_size": len(eval_set), "wall_s": time.perf_counter() - t_start}
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    storage.write_text(storage.join(workdir, "eval.json"), json.dumps(result, indent=2))
     print(f"\nheld-out pass@1: {before} after SFT -> {after:.3f} after RL", flush=True)
     _plot(workdir)
 
@@ -234,16 +233,18 @@ def _plot(workdir):
     except ImportError:
         print("(matplotlib not installed: no reward_curve.png)")
         return
-    recs = [_json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    from m1jax import storage
+
+    recs = [_json.loads(line) for line in storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()]
     rl = [r for r in recs if r.get("phase") == "rl"]
     if not rl:
         return
-    plt.figure(figsize=(5, 3))
+    fig = plt.figure(figsize=(5, 3))
     plt.plot([r["step"] for r in rl], [r["reward_mean"] for r in rl])
     plt.xlabel("step")
     plt.ylabel("mean reward (sampled, T=1)")
     plt.tight_layout()
-    plt.savefig(os.path.join(workdir, "reward_curve.png"))
+    storage.save_figure(fig, storage.join(workdir, "reward_curve.png"))
 
 
 if __name__ == "__main__":

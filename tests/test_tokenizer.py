@@ -21,9 +21,9 @@ TEXTS = ["Hello world", "  leading spaces", "mixed 数学 and 🙂", "12+34=46\n
          f"{tk.M1_BOS}user name=user\nhi{tk.M1_EOS}\n", "unseen zygote quixotic"]
 
 
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory):
-    """A GPT-2-style byte-level BPE (MiniMax-M1's tokenizer kind) with the M1 special tokens."""
+def write_bpe_tokenizer(directory) -> None:
+    """A GPT-2-style byte-level BPE (MiniMax-M1's tokenizer kind, 400 tokens) with the M1 special
+    tokens: tokenizer.json + tokenizer_config.json in ``directory``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -31,8 +31,13 @@ def bpe_dir(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
         vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save_hf_files(tok, str(directory), {"unk_token": "<end_of_document>"})
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bpe")
-    tk.save_hf_files(tok, str(d), {"unk_token": "<end_of_document>"})
+    write_bpe_tokenizer(d)
     return d
 
 

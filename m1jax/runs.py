@@ -1,0 +1,88 @@
+"""A train.py run directory (local or gs://): its config and the model of its checkpoints.
+
+    workdir/config.json          the run's full config (written by train.py at start)
+    workdir/checkpoints/<step>/  orbax checkpoints; item "model" = nnx.to_pure_dict(nnx.state(model))
+
+``restore_model`` reads only the model item (not the optimizer states) onto one device or onto any
+mesh: the checkpoint does not remember the mesh it was saved from.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from m1jax import sharding as shd
+from m1jax import storage
+from m1jax.model import MiniMaxM1, ModelConfig
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+
+
+def is_run_dir(path: str) -> bool:
+    return storage.exists(storage.join(path, CHECKPOINTS))
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was started with."""
+    storage.check_bucket(workdir)
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.exists(path):
+        raise storage.StorageError(f"{path} does not exist: {workdir} is not a train.py run directory "
+                                   "(train.py --workdir=DIR writes DIR/config.json and DIR/checkpoints).")
+    return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
+
+
+def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+    """Read-only manager of ``workdir/checkpoints``; errors name a missing bucket or checkpoint."""
+    storage.check_bucket(workdir)
+    ckpt_dir = storage.join(workdir, CHECKPOINTS)
+    mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    if mgr.latest_step() is None:
+        raise storage.StorageError(f"no checkpoint in {ckpt_dir}: run train.py --workdir={workdir} first "
+                                   "(checkpoints are written every config.checkpoint.every steps).")
+    return mgr
+
+
+def _restore_target(model: MiniMaxM1, mesh: Mesh | None):
+    """The pure-dict restore target of ``model``'s state: abstract arrays with their shardings (the
+    sharding rules on ``mesh``, or the first device)."""
+    state = nnx.state(model)
+    for _, var in nnx.to_flat_state(state):
+        v = var.get_value()
+        if mesh is None:
+            s = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            axes = var.get_metadata().get("axes")
+            s = NamedSharding(mesh, P() if axes is None else shd.spec_for(axes, v.shape, mesh))
+        var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
+    return state
+
+
+def restore_model(workdir: str, *, step: int | None = None, mesh: Mesh | None = None,
+                  model_cfg: ModelConfig | None = None) -> tuple[MiniMaxM1, int]:
+    """(model, step) from checkpoint ``step`` (default: the latest) of a train.py run.
+
+    model_cfg defaults to the run's config.json ``model`` section. With ``mesh``, every parameter is
+    read directly into its sharding under the rules of m1jax.sharding."""
+    cfg = model_cfg or ModelConfig.from_dict(run_config(workdir).model.to_dict())
+    if mesh is not None:
+        shd.validate_model_for_mesh(cfg, shd.MeshConfig(**dict(mesh.shape)))
+    mgr = checkpoint_manager(workdir)
+    step = mgr.latest_step() if step is None else step
+    if step not in mgr.all_steps():
+        raise storage.StorageError(f"checkpoint step {step} not in {workdir}/{CHECKPOINTS}; "
+                                   f"available: {mgr.all_steps()}.")
+    abstract = nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    target = nnx.to_pure_dict(_restore_target(abstract, mesh))
+    restored = mgr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"]
+    nnx.replace_by_pure_dict(state, restored)
+    mgr.close()
+    return nnx.merge(graphdef, state), step
