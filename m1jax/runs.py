@@ -4,7 +4,8 @@
     workdir/checkpoints/<step>/  orbax checkpoints; item "model" = nnx.to_pure_dict(nnx.state(model))
 
 ``restore_model`` reads only the model item (not the optimizer states) onto one device or onto any
-mesh: the checkpoint does not remember the mesh it was saved from.
+mesh: the checkpoint does not remember the mesh it was saved from. ``save_model`` writes a model
+alone in the same layout (for notebooks and scripts; train.py also saves optimizer and data state).
 """
 
 from __future__ import annotations
@@ -86,3 +87,15 @@ def restore_model(workdir: str, *, step: int | None = None, mesh: Mesh | None = 
     nnx.replace_by_pure_dict(state, restored)
     mgr.close()
     return nnx.merge(graphdef, state), step
+
+
+def save_model(workdir: str, model: MiniMaxM1, step: int) -> None:
+    """Write ``model`` as checkpoint ``step`` of ``workdir`` (local or gs://), creating config.json
+    (its ``model`` section) when the directory has none; ``restore_model`` reads it back."""
+    workdir = storage.prepare_dir(workdir)
+    config_path = storage.join(workdir, CONFIG_FILE)
+    if not storage.exists(config_path):
+        storage.write_text(config_path, json.dumps({"model": model.cfg.to_dict()}, indent=2))
+    with ocp.CheckpointManager(storage.join(workdir, CHECKPOINTS)) as mgr:
+        mgr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model)))))
+        mgr.wait_until_finished()
