@@ -71,8 +71,14 @@ class ModelConfig:
     # With lightning_impl="pallas": lower this Pallas variant ("tpu" or "gpu") whatever the host's
     # backend is; None = the host's. Set to "tpu" by m1jax.plan to compile TPU programs on a CPU host.
     pallas_backend: str | None = None
+    # Softmax attention without a cache takes its queries this many at a time (scores [chunk, seq]
+    # instead of [seq, seq]; the same values); 0 = all at once.
+    attention_chunk: int = 512
     scan_layers: bool = True  # scan over repeats of the layer pattern
     remat: bool = False  # rematerialize each repeat of the layer pattern in the backward pass
+    # Also rematerialize each layer (nested in remat: a block's backward then holds one layer's
+    # activations at a time instead of the whole block's, for one more forward pass).
+    remat_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -115,6 +121,8 @@ class ModelConfig:
              f"must be None (dropless) or > 0, got {self.moe_capacity_factor!r}.")
         need(self.lightning_impl in ("auto", "xla", "pallas"), "lightning_impl",
              f"must be 'auto', 'xla' or 'pallas', got {self.lightning_impl!r}.")
+        need(isinstance(self.attention_chunk, (int, np.integer)) and self.attention_chunk >= 0, "attention_chunk",
+             f"must be an integer >= 0 (0 = no chunking), got {self.attention_chunk!r}.")
         need(self.pallas_backend in (None, "tpu", "gpu"), "pallas_backend",
              f"must be None (the host's backend), 'tpu' or 'gpu', got {self.pallas_backend!r}.")
 

@@ -73,6 +73,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, layer_types: tuple[str, ...], *, rngs: nnx.Rngs):
         self.layer_types = layer_types
+        self.remat_layers = cfg.remat_layers
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in layer_types])
 
     def __call__(self, x, decay_rates, positions, mask, cache=None, cache_index=None, key_valid=None):
@@ -82,7 +83,10 @@ class Block(nnx.Module):
         all_stats, new_cache = [], []
         for i, layer in enumerate(self.layers):
             entry = None if cache is None else cache[i]
-            x, stats, entry = layer(x, decay_rates[i], positions, mask, entry, cache_index, key_valid)
+            if self.remat_layers and cache is None:  # the backward recomputes this layer on its own
+                x, stats, entry = nnx.remat(DecoderLayer.__call__)(layer, x, decay_rates[i], positions, mask)
+            else:
+                x, stats, entry = layer(x, decay_rates[i], positions, mask, entry, cache_index, key_valid)
             all_stats.append(stats)
             new_cache.append(entry)
         return x, jax.tree.map(lambda *s: jnp.stack(s), *all_stats), (None if cache is None else new_cache)
