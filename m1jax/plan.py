@@ -1,0 +1,231 @@
+"""Plan a TPU pod run: compile the real train / prefill / decode programs for a TPU slice ahead of
+time, on this (CPU) machine, and report whether they fit the chips' HBM.
+
+    python -m m1jax.plan --config=configs/minimax_m1.py --topology=v5p-512 \\
+        --mesh.fsdp=4 --mesh.expert=8 --mesh.tensor=8 --program=all --batch=32 --seq_len=49152 --context=1048576
+
+Needs libtpu (``pip install -e ".[tpu]"``); no TPU. For each program it prints the compile time,
+the per-chip peak memory against HBM, the memory_analysis fields and the largest arguments, the
+per-chip FLOPs and bytes from cost_analysis, and the Pallas (Mosaic) lightning kernels in the
+compiled HLO. Exit status: 0 when every program fits; 1 when one does not (the compiler's
+out-of-memory message is printed with the next mesh or slice to try); 2 for invalid arguments.
+
+Sizes (defaults from the config file): ``--batch`` sequences of ``--seq_len`` tokens per train
+step (paper: prompt + 40K generated tokens); ``--rollout_batch`` sequences with a cache of
+``--context`` columns, ``--prompt_len`` of them prefilled ``--prefill_chunk`` at a time.
+``--model.KEY=VALUE`` overrides a model config field (e.g. ``--model.moe_capacity_factor=1.25``).
+Mesh axes not given: expert = gcd(num_experts, chips), fsdp = the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import math
+import os
+import re
+import sys
+
+from m1jax.model.config import LINEAR
+
+GiB = 2**30
+PROGRAMS = ("train", "prefill", "decode")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m m1jax.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/minimax_m1.py", help="config file (get_config())")
+    p.add_argument("--topology", required=True, help="v5p-N, v6e-N, v5e-N, v4-N, or a libtpu name like v5:2x2x1")
+    for axis in ("data", "fsdp", "expert", "tensor"):
+        p.add_argument(f"--mesh.{axis}", type=int, default=None, dest=f"mesh_{axis}")
+    p.add_argument("--program", default="all", choices=PROGRAMS + ("all",))
+    p.add_argument("--batch", type=int, default=None, help="train sequences per step (default: one per data-parallel rank)")
+    p.add_argument("--seq_len", type=int, default=None, help="train tokens per sequence (default: prompt_len + max_new_tokens)")
+    p.add_argument("--rollout_batch", type=int, default=None, help="sequences sampled at once (default: --batch's default)")
+    p.add_argument("--context", type=int, default=None, help="cache columns (default: prompt_len + max_new_tokens)")
+    p.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default: rollout.max_prompt_len)")
+    p.add_argument("--prefill_chunk", type=int, default=None, help="prefill columns per step (default: min(2048, prompt_len))")
+    p.add_argument("--top", type=int, default=6, help="largest arguments to list")
+    args, rest = p.parse_known_args(argv)
+    overrides = {}
+    for item in rest:
+        m = re.fullmatch(r"--model\.(\w+)=(.*)", item)
+        if not m:
+            p.error(f"unrecognized argument {item!r} (model fields are set with --model.KEY=VALUE)")
+        try:
+            overrides[m.group(1)] = ast.literal_eval(m.group(2))
+        except (ValueError, SyntaxError):
+            overrides[m.group(1)] = m.group(2)
+    return p, args, overrides
+
+
+def default_mesh(n: int, num_experts: int, given: dict):
+    """Fill the mesh axes not given for ``n`` chips: expert = gcd(num_experts, chips left) (all of
+    them when fsdp is given), fsdp = the rest, data = tensor = 1. Sizes that do not multiply to n
+    are caught by ``aot.mesh_for``."""
+    from m1jax.sharding import MeshConfig
+
+    sizes = {k: v for k, v in given.items() if v is not None}
+    left = max(1, n // math.prod(sizes.values()))
+    if "expert" not in sizes:
+        sizes["expert"] = left if "fsdp" in sizes else math.gcd(num_experts, left)
+        left //= sizes["expert"]
+    sizes.setdefault("fsdp", left)
+    return MeshConfig.from_dict(sizes)
+
+
+def next_slice(topology: str) -> str | None:
+    m = re.fullmatch(r"(v5p|v4|v6e|v5e)-(\d+)", topology)
+    return f"{m.group(1)}-{2 * int(m.group(2))}" if m else None
+
+
+def suggestion(mc, program: str, state_bytes: float, hbm: float, cfg, topology: str) -> str:
+    """The next thing to try after an out-of-memory plan, as command-line flags."""
+    bigger = next_slice(topology)
+    bigger_txt = f"a bigger slice (--topology={bigger})" if bigger else "a bigger slice"
+    if program == "train" and state_bytes > 0.5 * hbm:
+        if mc.data > 1:
+            return (f"the float32 weights and AdamW moments take {state_bytes / GiB:.1f} GiB per chip: shard them "
+                    f"over the data axis too (--mesh.data={mc.data // 2} --mesh.fsdp={mc.fsdp * 2}) or use {bigger_txt}")
+        return f"the float32 weights and AdamW moments take {state_bytes / GiB:.1f} GiB per chip: use {bigger_txt}"
+    donor = "data" if mc.data > 1 else "fsdp" if mc.fsdp > 1 else None
+    t2 = mc.tensor * 2
+    if donor and cfg.num_heads % t2 == 0:
+        flags = f"--mesh.{donor}={getattr(mc, donor) // 2} --mesh.tensor={t2}"
+        return (f"activations do not fit: split heads, expert MLP width and vocabulary over more chips ({flags}; "
+                f"halve --batch / --rollout_batch with it to keep the per-chip sequences), or fewer sequences per "
+                f"chip, or {bigger_txt}")
+    return f"activations do not fit: fewer sequences per chip (--batch / --rollout_batch), or {bigger_txt}"
+
+
+def _leaf_name(path) -> str:
+    import jax
+
+    parts = []
+    for k in path:
+        s = jax.tree_util.keystr((k,)).strip("[]'.")
+        if s not in ("value", "raw_value"):
+            parts.append(s)
+    return ".".join(parts)
+
+
+def describe_args(args, top: int) -> list[str]:
+    """The ``top`` largest arguments per device, e.g. '1.23 GiB  0.blocks.layers.0.moe.w1 f32[10,32,6144,9216]'."""
+    import jax
+
+    from m1jax.aot import per_device_bytes
+
+    leaves = jax.tree_util.tree_leaves_with_path(args)
+    rows = sorted(((per_device_bytes(x), _leaf_name(p), x) for p, x in leaves), key=lambda r: -r[0])
+    return [f"{b / GiB:8.2f} GiB  {name} {x.dtype}{list(x.shape)} per chip {list(x.sharding.shard_shape(x.shape))}"
+            for b, name, x in rows[:top]]
+
+
+def _report(c, hbm: float | None, cfg) -> bool:
+    fits = hbm is None or c.peak <= hbm
+    hbm_txt = f" / HBM {hbm / GiB:.2f} GiB" if hbm else ""
+    verdict = "" if hbm is None else (f": fits (margin {(hbm - c.peak) / GiB:.2f} GiB)" if fits else ": DOES NOT FIT")
+    print(f"  compiled in {c.seconds:.1f} s")
+    print(f"  peak {c.peak / GiB:.2f} GiB per chip{hbm_txt}{verdict}")
+    fields = sorted(((v, k) for k, v in c.memory.items() if v), reverse=True)
+    print("  memory_analysis (per chip): " + ", ".join(f"{k.replace('_size_in_bytes', '')} {v / GiB:.2f} GiB"
+                                                      for v, k in fields))
+    print(f"  cost_analysis (per chip): {c.flops:.4g} flops, {c.bytes_accessed:.4g} bytes accessed")
+    kernels = ", ".join(f"{k} x{n}" for k, n in sorted(c.lightning_kernels.items())) or "none"
+    print(f"  lightning: {cfg.lightning_impl} ({cfg.pallas_backend}); Pallas kernels in the compiled HLO: {kernels}")
+    if not c.lightning_kernels and any(t == LINEAR for t in cfg.layer_types):
+        print("  ERROR: the compiled program does not call the Pallas lightning kernel (XLA fallback)")
+        return False
+    return fits
+
+
+def main(argv=None) -> int:
+    parser, a, overrides = _parse(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # silences libtpu's host probing; compile-only
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+    import jax
+
+    from m1jax import aot
+    from m1jax.configs import load_config_file, model_config
+    from m1jax.model.config import ConfigError, ModelConfig
+    from m1jax.optim import OptimConfig
+    from m1jax.rollout.sampling import SamplingParams
+    from m1jax.sharding import AXES, MeshError, validate_model_for_mesh
+
+    try:
+        config = load_config_file(a.config)
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ConfigError(f"--model.{unknown[0]}: not a model field; valid keys are {sorted(fields)}.")
+        cfg = aot.tpu_config(model_config(config).replace(**overrides))
+        optim = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim") if "rl_optim" in config else OptimConfig()
+        sampling = SamplingParams(**config.sampling.to_dict()) if "sampling" in config else SamplingParams()
+        devices = aot.tpu_devices(a.topology)
+        given = {ax: getattr(a, f"mesh_{ax}") for ax in AXES}
+        mc = default_mesh(len(devices), cfg.num_experts, given)
+        mesh = aot.mesh_for(devices, mc)
+        validate_model_for_mesh(cfg, mc)
+        dp = mc.data * mc.fsdp * mc.expert
+        prompt = a.prompt_len or (config.rollout.max_prompt_len if "rollout" in config else 1024)
+        shapes = aot.Shapes(
+            train_batch=a.batch or dp,
+            seq_len=a.seq_len or prompt + sampling.max_new_tokens,
+            rollout_batch=a.rollout_batch or a.batch or dp,
+            context=a.context or prompt + sampling.max_new_tokens,
+            prompt_len=prompt,
+            prefill_chunk=a.prefill_chunk or min(2048, prompt),
+        )
+        aot.validate_shapes(shapes, dp)
+    except (aot.PlanError, ConfigError, MeshError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+    kind = devices[0].device_kind
+    hbm = aot.HBM_BYTES.get(kind)
+    print(f"plan: {a.config} ({cfg.param_count():,} parameters) on {a.topology} = {aot.topology_name(a.topology)}: "
+          f"{len(devices)} x {kind}, HBM {'unknown' if hbm is None else f'{hbm / GiB:.2f} GiB'} per chip")
+    print(f"mesh: {dict(zip(AXES, mc.shape))}; remat={cfg.remat}, dtype={cfg.dtype}, params {cfg.param_dtype}, "
+          f"moe_capacity_factor={cfg.moe_capacity_factor}, attention_chunk={cfg.attention_chunk}")
+    for note in aot.sharding_notes(cfg, mesh):
+        print(f"note: {note}")
+
+    programs = PROGRAMS if a.program == "all" else (a.program,)
+    failed = []
+    for program in programs:
+        if program == "train":
+            title = (f"train (CISPO step, AdamW on float32 master weights): {shapes.train_batch} x {shapes.seq_len} "
+                     f"tokens, {shapes.train_batch / dp:g} sequence(s) per data-parallel rank")
+            lowered, args = aot.lower_train(cfg, optim, mesh, shapes)
+        elif program == "prefill":
+            title = (f"prefill: {shapes.rollout_batch} x {shapes.prompt_len} prompt tokens into a cache of "
+                     f"{shapes.context} columns, {shapes.prefill_chunk} at a time")
+            lowered, args = aot.lower_prefill(cfg, mesh, shapes)
+        else:
+            title = (f"decode: {shapes.rollout_batch} sequences, cache of {shapes.context} columns, "
+                     f"{shapes.context - shapes.prompt_len} new tokens (one while_loop)")
+            lowered, args = aot.lower_decode(cfg, mesh, shapes, sampling)
+        print(f"\n{title}")
+        state_bytes = sum(aot.per_device_bytes(x) for x in jax.tree.leaves(args[0]))
+        try:
+            c = aot.compile_lowered(program, lowered)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"  DOES NOT FIT: {str(e).strip()}")
+            print(f"  try: {suggestion(mc, program, state_bytes, hbm or math.inf, cfg, a.topology)}")
+            failed.append(program)
+            continue
+        if not _report(c, hbm, cfg):
+            failed.append(program)
+        print("  largest arguments:")
+        for line in describe_args(args, a.top):
+            print("    " + line)
+    print(f"\n{'DOES NOT FIT: ' + ', '.join(failed) if failed else 'all programs fit'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
