@@ -36,13 +36,15 @@ def main(argv):
 
     from m1jax import runs, storage
     from m1jax.configs import model_config
-    from m1jax.data import arith, rewards
+    from m1jax.data import rewards, tasks
+    from m1jax.data.problem import completion_text, sft_batch
+    from m1jax.metrics import EventFileWriter, MetricsWriter, ProgressBar, event_file_name
     from m1jax.model import MiniMaxM1
     from m1jax.optim import OptimConfig, make_optimizer
     from m1jax.rl import PRESETS, group_advantages, groups_with_signal, overlong_penalty, token_weights
-    from m1jax.lm import token_logprobs
-    from m1jax.rl.steps import cispo_step, sft_step
-    from m1jax.rollout import SamplingParams, generate
+    from m1jax.rl.batch import rollout_batch
+    from m1jax.rl.steps import cispo_step, policy_stats, sft_step
+    from m1jax.rollout import SamplingParams, generate, left_pad
 
     config = _CONFIG.value
     workdir = storage.prepare_dir(_WORKDIR.value)  # local path or gs://bucket/path
@@ -67,15 +69,20 @@ def main(argv):
     if rl.prompts_per_step % rl.minibatches:
         raise ValueError(f"rl.minibatches={rl.minibatches} must divide rl.prompts_per_step={rl.prompts_per_step}.")
     print(f"objective: {loss_cfg.describe()}", flush=True)
-    digits = config.data.digits
+    task = tasks.make_task(config.data)  # data files are read and checked here
+    tok = task.tokenizer
+    if cfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens: "
+                         f"set --config.model.vocab_size={tok.vocab_size}.")
+    width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
     reward_fn = rewards.get(rl.reward)  # unknown names fail here, before compiling
     total_steps = config.sft.steps + rl.steps
 
     model = MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed))
     sft_opt = nnx.Optimizer(model, make_optimizer(sft_opt_cfg), wrt=nnx.Param)
     rl_opt = nnx.Optimizer(model, make_optimizer(rl_opt_cfg), wrt=nnx.Param)
-    sft_it = iter(arith.problems(config.seed, digits).batch(config.sft.batch_size, batch_fn=list).to_iter_dataset())
-    rl_it = iter(arith.problems(config.seed + 1, digits).to_iter_dataset())
+    sft_it = iter(task.stream(config.seed).batch(config.sft.batch_size, batch_fn=list).to_iter_dataset())
+    rl_it = iter(task.stream(config.seed + 1).to_iter_dataset())
     key = jax.random.key(config.seed)
 
     # ---------------------------------------------------------------- checkpoints (resume)
@@ -110,49 +117,75 @@ def main(argv):
             rl_opt=ocp.args.StandardSave(pure(rl_opt)), meta=ocp.args.JsonSave(meta)))
 
     # ---------------------------------------------------------------- evaluation
-    eval_set = arith.eval_set(config.data.eval_size, digits, config.data.eval_seed)
-    greedy = SamplingParams(greedy=True, max_new_tokens=digits + 2, stop_token_ids=(arith.EOS,))
+    bar = ProgressBar(total_steps, start, every=config.log_every)
+    eval_set = task.eval_set
+    greedy = SamplingParams(greedy=True, max_new_tokens=task.max_new_tokens, stop_token_ids=(tok.eos_id,))
+    sampling = SamplingParams(temperature=rl.temperature, max_new_tokens=task.max_new_tokens,
+                              stop_token_ids=(tok.eos_id,))
+
+    def sample(probs, params, num_samples=1, key=None):
+        """Completions of problems, prompts left-padded to task.max_prompt_len (one compiled shape)."""
+        ids, mask = left_pad([p.prompt_ids for p in probs], tok.pad_id)
+        pad = ((0, 0), (task.max_prompt_len - ids.shape[1], 0))
+        return jax.device_get(generate(model, np.pad(ids, pad, constant_values=tok.pad_id), params, num_samples,
+                                       key, prompt_mask=np.pad(mask, pad)))
+
+    def score(probs, r, g):
+        """Rewards of the g samples of each problem (rows i*g ... i*g+g-1); failures print and score 0."""
+        report = rewards.score_all(
+            reward_fn, [tok.decode(p.prompt_ids) for p in probs for _ in range(g)],
+            [completion_text(tok, r.tokens[i, :r.lengths[i]]) for i in range(len(probs) * g)],
+            [p.answer for p in probs for _ in range(g)], rl.reward_timeout_s)
+        for msg in report.messages[:3]:
+            bar.message(f"reward failure (scored 0): {msg}")
+        return report
 
     def pass_at_1():
-        r = jax.device_get(generate(model, [p.prompt_ids for p in eval_set], greedy))
-        return float(np.mean([arith.reward(r.tokens[i, :r.lengths[i]], p.answer) for i, p in enumerate(eval_set)]))
+        """Held-out greedy pass@1: a completion passes when its reward is > 0."""
+        return float(np.mean(np.asarray(score(eval_set, sample(eval_set, greedy), 1).scores) > 0))
 
-    metrics_file = storage.open_append(storage.join(workdir, "metrics.jsonl"))
+    storage.prepare_dir(storage.join(workdir, "tb"))
+    metrics = MetricsWriter(
+        storage.open_append(storage.join(workdir, "metrics.jsonl")),
+        EventFileWriter(storage.open_append(storage.join(workdir, "tb", event_file_name()), binary=True),
+                        resume_step=start if start else None))
+    log = metrics.write
 
-    def log(rec):
-        metrics_file.write(json.dumps({k: (float(v) if hasattr(v, "__float__") else v) for k, v in rec.items()}) + "\n")
-        metrics_file.flush()
+    nonfinite = 0
+
+    def count_nonfinite(finite, step):
+        """Non-finite updates are skipped (optax.apply_if_finite); stop after a run of them."""
+        nonlocal nonfinite
+        nonfinite = 0 if finite else nonfinite + 1
+        if nonfinite >= config.max_nonfinite_in_a_row:
+            raise FloatingPointError(
+                f"{nonfinite} non-finite updates in a row at step {step} (loss or gradient NaN/inf); they were "
+                "skipped. Lower the learning rate (sft_optim / rl_optim) or check the data.")
 
     t_start = time.perf_counter()
-    nonfinite = 0
-    sampling = SamplingParams(temperature=rl.temperature, max_new_tokens=digits + 2, stop_token_ids=(arith.EOS,))
     for step in range(start, total_steps):
         if step < config.sft.steps:  # ------------------------------------------------ SFT
-            ids, mask = arith.sft_batch(next(sft_it))
+            ids, mask = sft_batch(next(sft_it), tok, width)
             m = jax.device_get(sft_step(model, sft_opt, jnp.asarray(ids), jnp.asarray(mask)))
-            if step % config.log_every == 0 or step == config.sft.steps - 1:
+            if step % config.log_every == 0 or step == config.sft.steps - 1 or not m["finite"]:
                 log({"step": step, "phase": "sft", **m})
-                print(f"\rsft {step + 1}/{config.sft.steps} loss {float(m['sft_loss']):.3f}", end="", flush=True)
+            count_nonfinite(m["finite"], step)
+            bar.update(step + 1, f"sft loss {float(m['sft_loss']):.3f}")
             if step == config.sft.steps - 1:
                 meta["eval_before"] = pass_at_1()
-                print(f"\nheld-out pass@1 after SFT (before RL): {meta['eval_before']:.3f}", flush=True)
+                bar.message(f"held-out pass@1 after SFT (before RL): {meta['eval_before']:.3f}")
                 log({"step": step, "phase": "eval", "pass_at_1": meta["eval_before"]})
         else:  # -------------------------------------------------------------------------- RL
             t0 = time.perf_counter()
-            kept_ids, kept_rewards, kept_old, kept_len, n_gen, all_rewards = [], [], [], [], 0, []
-            n_reward_failures = 0
+            g = rl.samples_per_prompt
+            kept_prompts, kept_tokens, kept_logp, kept_len, kept_rewards, all_rewards = [], [], [], [], [], []
+            n_gen = n_failures = 0
             while len(kept_rewards) < rl.prompts_per_step and n_gen < rl.max_gen_batches:
                 probs = [next(rl_it) for _ in range(rl.prompts_per_step)]
                 key, sub = jax.random.split(key)
-                r = jax.device_get(generate(model, [p.prompt_ids for p in probs], sampling,
-                                            num_samples=rl.samples_per_prompt, key=sub))
-                g = rl.samples_per_prompt
-                texts = [arith.completion_text(r.tokens[i, :r.lengths[i]]) for i in range(len(probs) * g)]
-                report = rewards.score_all(reward_fn, [arith.decode(p.prompt_ids) for p in probs for _ in range(g)],
-                                           texts, [p.answer for p in probs for _ in range(g)], rl.reward_timeout_s)
-                n_reward_failures += report.errors + report.timeouts
-                for msg in report.messages[:3]:
-                    print(f"\nreward failure (scored 0): {msg}", flush=True)
+                r = sample(probs, sampling, g, sub)
+                report = score(probs, r, g)
+                n_failures += report.errors + report.timeouts
                 scores = np.asarray(report.scores).reshape(len(probs), g)
                 if rl.overlong_cache_len > 0:  # DAPO soft overlong penalty, in tokens
                     scores = scores + overlong_penalty(np.asarray(r.lengths), sampling.max_new_tokens,
@@ -161,51 +194,52 @@ def main(argv):
                 keep = groups_with_signal(scores) if rl.dynamic_sampling else np.ones(len(probs), bool)
                 for i in np.flatnonzero(keep):
                     rows = slice(i * g, (i + 1) * g)
-                    kept_ids.append(np.concatenate([np.tile(probs[i].prompt_ids, (g, 1)), r.tokens[rows]], 1))
-                    kept_old.append(r.logprobs[rows])
+                    kept_prompts += [probs[i].prompt_ids] * g
+                    kept_tokens.append(r.tokens[rows])
+                    kept_logp.append(r.logprobs[rows])
                     kept_len.append(r.lengths[rows])
                     kept_rewards.append(scores[i])
                 n_gen += 1
             all_rewards = np.concatenate(all_rewards)
-            n_failures_step, n_reward_failures = n_reward_failures, 0
             rec = {"step": step, "phase": "rl", "reward_mean": all_rewards.mean(),
                    "pass_rate": (all_rewards > 0).mean(), "groups_kept": len(kept_rewards), "gen_batches": n_gen,
-                   "reward_failures": n_failures_step}
+                   "reward_failures": n_failures}
             if kept_rewards:
-                kept_rewards = kept_rewards[: rl.prompts_per_step]
-                n = len(kept_rewards)
-                ids = np.concatenate(kept_ids[:n])
+                n = min(len(kept_rewards), rl.prompts_per_step)
                 lengths = np.concatenate(kept_len[:n])
-                plen = len(eval_set[0].prompt_ids)
-                t = ids.shape[1]
-                comp = (np.arange(t - 1)[None] >= plen - 1) & (np.arange(t - 1)[None] < plen - 1 + lengths[:, None])
-                old = np.zeros((ids.shape[0], t - 1), np.float32)
-                old[:, plen - 1:] = np.concatenate(kept_old[:n])
-                adv = group_advantages(np.asarray(kept_rewards), rl.advantage_std).reshape(-1).astype(np.float32)
-                lp_now = np.asarray(token_logprobs(model, jnp.asarray(ids))[0])
-                rec["logprob_corr"] = float(np.corrcoef(lp_now[comp], old[comp])[0, 1]) if comp.sum() > 1 else 1.0
-                sampler_lp = old
+                ids, comp, sampler_lp = rollout_batch(kept_prompts[: n * g], np.concatenate(kept_tokens[:n]),
+                                                      np.concatenate(kept_logp[:n]), lengths, width, tok.pad_id)
+                adv = group_advantages(np.asarray(kept_rewards[:n]), rl.advantage_std).reshape(-1).astype(np.float32)
+                # The sampling policy on its own samples (the trainer's forward, before the updates).
+                lp_now, entropy = jax.device_get(policy_stats(model, jnp.asarray(ids), rl.temperature))
+                rec["entropy"] = float(entropy[comp].mean())
+                rec["logprob_corr"] = float(np.corrcoef(lp_now[comp], sampler_lp[comp])[0, 1]) if comp.sum() > 1 else 1.0
+                old = sampler_lp
                 if rl.old_logp == "recomputed":  # pi_old = the trainer's own forward before the updates
                     old = np.where(comp, lp_now, 0.0).astype(np.float32)
                 rec["response_len_p50"] = float(np.percentile(lengths, 50))
                 rec["response_len_p99"] = float(np.percentile(lengths, 99))
+                groups = np.repeat(np.arange(n), g)
                 mb_rows = np.array_split(np.random.default_rng(step).permutation(ids.shape[0]), rl.minibatches)
+                updates, ratios = [], []
                 for _ in range(rl.updates_per_rollout):
                     for rows in mb_rows:
-                        w = token_weights(jnp.asarray(comp[rows]), aggregation=loss_cfg.aggregation)
+                        w = token_weights(jnp.asarray(comp[rows]), jnp.asarray(np.unique(groups[rows], return_inverse=True)[1]),
+                                          loss_cfg.aggregation)
                         m = jax.device_get(cispo_step(model, rl_opt, jnp.asarray(ids[rows]), jnp.asarray(comp[rows]),
                                                       jnp.asarray(old[rows]), jnp.asarray(adv[rows]), w, loss_cfg,
-                                                      jnp.asarray(sampler_lp[rows])))
-                        nonfinite = 0 if m["finite"] else nonfinite + 1
-                        if nonfinite >= config.max_nonfinite_in_a_row:
-                            raise FloatingPointError(
-                                f"{nonfinite} non-finite updates in a row at step {step}; updates were skipped. "
-                                "Lower rl_optim.learning_rate or check the data.")
-                rec.update({k: m[k] for k in ("loss", "grad_norm", "is_weight_mean", "is_clipped_frac", "nll")})
+                                                      jnp.asarray(sampler_lp[rows]), temperature=rl.temperature))
+                        count_nonfinite(m["finite"], step)
+                        ratios.append(m.pop("ratio")[comp[rows]])
+                        updates.append(m)
+                # Means over the step's minibatch updates; r's 99th percentile over all their tokens.
+                rec.update({k: float(np.mean([u[k] for u in updates]))
+                            for k in ("loss", "grad_norm", "is_weight_mean", "is_clipped_frac", "nll")})
+                rec["is_ratio_p99"] = float(np.percentile(np.concatenate(ratios), 99))
+                rec["skipped_updates"] = sum(not u["finite"] for u in updates)
                 rec["tokens_per_s"] = float(lengths.sum() / (time.perf_counter() - t0))
             log(rec)
-            print(f"\rrl {step - config.sft.steps + 1}/{rl.steps} reward {rec['reward_mean']:.3f} "
-                  f"kept {rec['groups_kept']}", end="", flush=True)
+            bar.update(step + 1, f"rl reward {rec['reward_mean']:.3f} kept {rec['groups_kept']}")
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == total_steps:
             save(step + 1)
         if config.get("crash_after_step") is not None and step + 1 == config.crash_after_step:
@@ -218,7 +252,9 @@ def main(argv):
               "gain_points": None if before is None else 100 * (after - before),
               "eval_size": len(eval_set), "wall_s": time.perf_counter() - t_start}
     storage.write_text(storage.join(workdir, "eval.json"), json.dumps(result, indent=2))
-    print(f"\nheld-out pass@1: {before} after SFT -> {after:.3f} after RL", flush=True)
+    log({"step": total_steps, "phase": "eval", "pass_at_1": after})
+    metrics.close()
+    bar.message(f"held-out pass@1: {before} after SFT -> {after:.3f} after RL")
     _plot(workdir)
 
 

@@ -18,7 +18,7 @@ def get_config():
         linear_attn_alpha=1.68, full_attn_alpha=1.68, mlp_alpha=1.68,  # (2 * 4) ** 0.25
         max_position_embeddings=64,
     ))
-    c.data = ml_collections.ConfigDict(dict(digits=2, eval_size=200, eval_seed=12345))
+    c.data = ml_collections.ConfigDict(dict(task="arith", digits=2, eval_size=200, eval_seed=12345))
     c.sft = ml_collections.ConfigDict(dict(steps=700, batch_size=64))
     c.sft_optim = ml_collections.ConfigDict(dict(learning_rate=3e-3, warmup_steps=20, weight_decay=0.0,
                                                  max_grad_norm=1.0))

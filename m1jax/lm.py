@@ -11,11 +11,30 @@ from m1jax.model import MiniMaxM1
 from m1jax.sharding import constrain_state
 
 
-def token_logprobs(model: MiniMaxM1, ids, mask=None):
-    """log pi(ids[:, t] | ids[:, <t]) for t >= 1: [B, T-1], and the forward's aux loss."""
+def _policy_log_softmax(model: MiniMaxM1, ids, mask, temperature: float):
+    """log softmax(logits / T) over the full vocabulary at positions 0..T-2: [B, T-1, V] (fp32)."""
     out = model.forward(ids, attention_mask=mask)
-    logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32))
-    return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0], out.aux_loss
+    logits = out.logits[:, :-1].astype(jnp.float32)
+    if temperature != 1.0:  # a Python-level branch: T = 1 leaves the graph untouched
+        logits = logits / temperature
+    return jax.nn.log_softmax(logits), out.aux_loss
+
+
+def token_logprobs(model: MiniMaxM1, ids, mask=None, temperature: float = 1.0):
+    """log pi_T(ids[:, t] | ids[:, <t]) for t >= 1: [B, T-1], and the forward's aux loss.
+
+    pi_T = softmax(logits / T), the distribution the rollout samples from at temperature T (its
+    sampler log-probs are of the same pi_T, see m1jax/rollout/sampling.py)."""
+    logp, aux = _policy_log_softmax(model, ids, mask, temperature)
+    return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0], aux
+
+
+def token_logprobs_and_entropy(model: MiniMaxM1, ids, mask=None, temperature: float = 1.0):
+    """``token_logprobs`` and, from the same forward, the full-vocabulary entropy of pi_T at every
+    position, H_t = -sum_v pi_T(v) log pi_T(v): ([B, T-1], [B, T-1], aux loss)."""
+    logp, aux = _policy_log_softmax(model, ids, mask, temperature)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0], entropy, aux
 
 
 def lm_loss(model: MiniMaxM1, ids, mask=None):

@@ -1,9 +1,13 @@
-"""train.py end to end (CI-sized): runs, writes eval.json/metrics, and resumes bit-exactly."""
+"""train.py end to end (CI-sized): runs, writes eval.json/metrics/TensorBoard events, resumes
+bit-exactly, trains on JSONL prompts with math-verify and user rewards, stops on non-finite updates."""
 
 import json
 import os
 import subprocess
 import sys
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # train.py as a user runs it: one CPU device (not the 8 fake devices conftest sets for mesh tests,
 # which change XLA's CPU numerics and so the trajectory).
@@ -21,6 +25,31 @@ def run(workdir, *extra):
 
 def metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(workdir):
+    """{tag: [(step, value)]} as TensorBoard reads workdir/tb."""
+    acc = EventAccumulator(str(workdir / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def jsonl_as_scalars(workdir):
+    """The same from metrics.jsonl: every numeric value as phase/name, the last line of a step winning
+    (a resumed run recomputes the steps after its checkpoint), in float32 as TensorBoard stores it."""
+    latest = {}
+    for rec in metrics(workdir):
+        for k, v in rec.items():
+            if k not in ("step", "phase") and isinstance(v, (int, float)):
+                latest[(f"{rec['phase']}/{k}", rec["step"])] = float(np.float32(v))
+    out = {}
+    for (tag, step), v in sorted(latest.items()):
+        out.setdefault(tag, []).append((step, v))
+    return out
+
+
+ISSUE_METRICS = {"reward_mean", "pass_rate", "response_len_p50", "response_len_p99", "entropy", "is_weight_mean",
+                 "is_ratio_p99", "is_clipped_frac", "grad_norm", "logprob_corr", "tokens_per_s"}
 
 
 def test_resume_after_crash_is_bit_exact(tmp_path):
@@ -43,6 +72,12 @@ def test_resume_after_crash_is_bit_exact(tmp_path):
             assert m[keys[m["phase"]]] == ref[(m["phase"], m["step"])][keys[m["phase"]]], m
             compared += 1
     assert compared >= 3
+    assert all(ISSUE_METRICS <= set(m) for m in metrics(full) if m["phase"] == "rl")
+    # TensorBoard holds exactly the metrics.jsonl scalars (the crashed run's steps 5..7 replaced).
+    nan_free = lambda d: {t: [(s, v) for s, v in pts if v == v] for t, pts in d.items()}  # noqa: E731
+    for workdir in (full, crashed):
+        assert nan_free(tensorboard_scalars(workdir)) == nan_free(jsonl_as_scalars(workdir))
+    assert tensorboard_scalars(crashed)["rl/loss"] == tensorboard_scalars(full)["rl/loss"]
 
 
 def test_ci_sized_default_job_reward_rises(tmp_path):
@@ -55,6 +90,9 @@ def test_ci_sized_default_job_reward_rises(tmp_path):
     assert len(rl) == 40
     first, last = sum(rl[:10]) / 10, sum(rl[-10:]) / 10
     assert last > first + 0.03, (first, last)  # measured here: 0.135 -> 0.190
+    # DAPO dynamic sampling kept generating while too few groups had signal, within its cap of 3
+    gen = [m["gen_batches"] for m in metrics(tmp_path) if m["phase"] == "rl"]
+    assert max(gen) <= 3 and max(gen) > 1, gen
     assert (tmp_path / "eval.json").exists() and (tmp_path / "reward_curve.png").exists()
 
 
@@ -66,3 +104,65 @@ def test_recomputed_old_logp_with_tis_and_overlong_penalty(tmp_path):
     assert len(rl) == 4 and all("is_weight_mean" in m for m in rl)
     bad = run(tmp_path / "bad", "--config.rl.tis_cap=2.0")  # TIS on top of sampler pi_old: refused
     assert bad.returncode != 0 and "count twice" in bad.stderr + bad.stdout
+
+
+REWARD_FN = """
+import itertools, time
+from m1jax.data import rewards
+
+_calls = itertools.count()
+_math_verify = rewards.get("math_verify")
+
+
+def flaky_math(prompt, completion, reference):
+    n = next(_calls)  # calls 0-7: the eval after SFT (8 problems); 8-15: the first RL step
+    if n == 10:
+        raise RuntimeError("flaky reward")
+    if n == 12:
+        time.sleep(5)  # past rl.reward_timeout_s
+    return _math_verify(prompt, completion, reference)
+"""
+
+
+def test_jsonl_math_task_with_math_verify_and_a_failing_user_reward(tmp_path):
+    """Prompts from JSONL (variable lengths, char tokenizer), rewards by a user function given as
+    file.py:function that delegates to math-verify: the held-out references are written 14/2,
+    \\frac{21}{3}, 7.0, ... while the model learns to answer "7", so only math-verify's equivalence
+    scores them; one call raises and one hangs, both score 0 and are counted, and training goes on."""
+    rng = np.random.default_rng(0)
+    forms = ["What is {a}+{b}?", "{a}+{b}=", "Compute {a} plus {b}."]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": forms[i % 3].format(a=a, b=7 - a), "answer": 7}) + "\n"
+                             for i, a in enumerate(rng.integers(0, 8, 40))))
+    refs = ["14/2", "\\frac{21}{3}", "7.0", "$7$", "28/4", "\\frac{70}{10}", "7.00", "35/5"]
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": f"What is {i}+{7 - i}?", "answer": r}) + "\n"
+                                for i, r in enumerate(refs)))
+    (tmp_path / "my_reward.py").write_text(REWARD_FN)
+    res = subprocess.run(
+        [sys.executable, "train.py", f"--workdir={tmp_path / 'run'}", "--config=configs/math_jsonl.py",
+         f"--config.data.path={train}", f"--config.data.eval_path={held_out}", "--config.data.eval_size=8",
+         "--config.data.max_prompt_tokens=24", "--config.data.max_new_tokens=4", "--config.sft.steps=30",
+         "--config.sft.batch_size=16", "--config.rl.steps=2", "--config.rl.prompts_per_step=4",
+         "--config.rl.samples_per_prompt=2", "--config.rl.dynamic_sampling=False", "--config.log_every=10",
+         f"--config.rl.reward={tmp_path / 'my_reward.py'}:flaky_math", "--config.rl.reward_timeout_s=2"],
+        capture_output=True, text=True, timeout=900, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reward raised RuntimeError: flaky reward" in res.stdout and "timed out after 2.0s" in res.stdout
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["pass_at_1_before_rl"] > 0.5, result  # exact string match would score 0 on every one
+    rl = [m for m in metrics(tmp_path / "run") if m["phase"] == "rl"]
+    assert [m["reward_failures"] for m in rl] == [2, 0]
+    assert max(m["reward_mean"] for m in rl) > 0 and all(ISSUE_METRICS <= set(m) for m in rl)
+
+
+def test_non_finite_updates_stop_the_run_after_k_in_a_row(tmp_path):
+    """A learning rate of 1e38 turns the parameters non-finite after one update; the following
+    updates are skipped (the loss stays put) and the run stops with a clear error after K = 2."""
+    res = run(tmp_path, "--config.sft_optim.learning_rate=1e38", "--config.sft_optim.warmup_steps=0",
+              "--config.max_nonfinite_in_a_row=2")
+    assert res.returncode != 0
+    assert "FloatingPointError: 2 non-finite updates in a row at step 2" in res.stderr
+    sft = [m for m in metrics(tmp_path) if m["phase"] == "sft"]
+    assert [m["finite"] for m in sft] == [True, False, False]
+    assert sft[1]["sft_loss"] == sft[2]["sft_loss"]  # the skipped update left the parameters unchanged

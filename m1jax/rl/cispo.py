@@ -117,7 +117,8 @@ def per_token_loss(logp, old_logp, advantages, cfg: LossConfig, sampler_logp=Non
 
 
 def cispo_loss(logp, old_logp, advantages, weights, cfg: LossConfig, sampler_logp=None):
-    """sum(per_token_loss * weights) and weighted metrics (IS-weight mean, fraction clipped)."""
+    """sum(per_token_loss * weights) and metrics: weighted IS-weight mean, fraction clipped and
+    fraction masked (scalars), and "ratio", r per token [B, T] (for percentiles over the batch)."""
     loss, aux = per_token_loss(logp, old_logp, advantages, cfg, sampler_logp)
     w = weights.astype(F32)
     total = jnp.sum(loss * w)
@@ -126,5 +127,6 @@ def cispo_loss(logp, old_logp, advantages, weights, cfg: LossConfig, sampler_log
         "is_weight_mean": jnp.sum(aux["weight"] * share),
         "is_clipped_frac": jnp.sum(aux["clipped"] * share),
         "masked_frac": jnp.sum((1 - aux["mask"]) * share),
+        "ratio": aux["ratio"],
     }
     return total, metrics

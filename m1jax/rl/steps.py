@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from m1jax.lm import token_logprobs
+from m1jax.lm import token_logprobs, token_logprobs_and_entropy
 from m1jax.rl.cispo import LossConfig, cispo_loss
 from m1jax.sharding import constrain_state
 
@@ -23,24 +23,26 @@ def sft_step(model, optimizer, ids, loss_mask):
         return ce + model.cfg.router_aux_loss_coef * aux, ce
 
     (loss, ce), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
+    gnorm = optax.tree.norm(grads)
+    optimizer.update(model, grads)  # the optax chain skips non-finite updates (optax.apply_if_finite)
     constrain_state(model)
-    return {"sft_loss": ce, "grad_norm": optax.tree.norm(grads)}
+    return {"sft_loss": ce, "grad_norm": gnorm, "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm)}
 
 
-@nnx.jit(static_argnames=("cfg",))
+@nnx.jit(static_argnames=("cfg", "temperature"))
 def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, cfg: LossConfig,
-               sampler_logp=None):
+               sampler_logp=None, temperature: float = 1.0):
     """One CISPO update on a minibatch. ids [B, T] (prompt + completion); comp_mask [B, T-1] marks
     completion targets; old_logp [B, T-1] (pi_old at those targets); weights [B, T-1] from
     token_weights over the whole optimizer batch; sampler_logp [B, T-1] feeds the optional truncated
-    IS factor (cfg.tis_cap) when old_logp was recomputed by the trainer."""
+    IS factor (cfg.tis_cap) when old_logp was recomputed by the trainer. The policy is pi_T, the
+    sampling temperature's distribution. Returns scalar metrics and "ratio" [B, T-1] (r per token)."""
 
     def loss_fn(model):
-        lp, aux = token_logprobs(model, ids)
+        lp, aux = token_logprobs(model, ids, temperature=temperature)
         loss, metrics = cispo_loss(lp, old_logp, advantages, weights * comp_mask, cfg, sampler_logp)
-        entropy_proxy = -jnp.sum(lp * weights * comp_mask)
-        return loss + model.cfg.router_aux_loss_coef * aux * jnp.sum(weights * comp_mask), (metrics, entropy_proxy)
+        nll = -jnp.sum(lp * weights * comp_mask)  # weighted mean -log pi_T of the sampled tokens
+        return loss + model.cfg.router_aux_loss_coef * aux * jnp.sum(weights * comp_mask), (metrics, nll)
 
     (loss, (metrics, nll)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     gnorm = optax.tree.norm(grads)
@@ -48,3 +50,11 @@ def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, 
     optimizer.update(model, grads)  # the optax chain skips non-finite updates (optax.apply_if_finite)
     constrain_state(model)
     return {"loss": loss, "grad_norm": gnorm, "finite": finite, "nll": nll, **metrics}
+
+
+@nnx.jit(static_argnames=("temperature",))
+def policy_stats(model, ids, temperature: float = 1.0):
+    """The current policy pi_T on sampled sequences ids [B, T], no gradient: log pi_T of every target
+    token and the full-vocabulary entropy of pi_T at every position, both [B, T-1]."""
+    lp, entropy, _ = token_logprobs_and_entropy(model, ids, temperature=temperature)
+    return lp, entropy

@@ -1,0 +1,67 @@
+"""The trainer's view of the sampling policy (log-probs and entropy at temperature T) and the
+skipping of non-finite updates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m1jax.model import MiniMaxM1, ModelConfig
+from m1jax.optim import OptimConfig, make_optimizer
+from m1jax.rl import PRESETS, token_weights
+from m1jax.rl.batch import rollout_batch
+from m1jax.rl.steps import cispo_step, policy_stats
+from m1jax.rollout import SamplingParams, generate
+
+LIN, FULL = "linear_attention", "full_attention"
+CFG = ModelConfig(
+    vocab_size=37, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+    layer_types=(LIN, FULL, LIN), num_experts=4, intermediate_size=24, rotary_dim=4, block_size=3,
+    initializer_range=0.3, linear_attn_alpha=1.4, mlp_alpha=1.4, full_attn_alpha=1.4,
+)
+PROMPTS = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MiniMaxM1(CFG, rngs=nnx.Rngs(0))
+
+
+def test_policy_stats_are_the_samplers_distribution(model, temperature=0.6):
+    """On sampled rows (variable prompt lengths, right-padded by rollout_batch) the trainer's log pi_T
+    equals the sampler's, and the entropy is the full-vocabulary entropy of softmax(logits / T)."""
+    params = SamplingParams(temperature=temperature, max_new_tokens=6, seed=3)
+    r = jax.device_get(generate(model, PROMPTS, params, num_samples=2, key=jax.random.key(1)))
+    rows = [p for p in PROMPTS for _ in range(2)]
+    ids, comp, sampler_lp = rollout_batch(rows, r.tokens, r.logprobs, r.lengths, width=12, pad_id=0)
+    lp, entropy = jax.device_get(policy_stats(model, jnp.asarray(ids), temperature))
+    assert comp.sum() == r.lengths.sum() > 6
+    np.testing.assert_allclose(lp[comp], sampler_lp[comp], atol=2e-4)  # as in test_rollout at T = 1
+
+    z = np.asarray(model(jnp.asarray(ids)), np.float64)[:, :-1] / temperature  # independent float64 reference
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    np.testing.assert_allclose(entropy, -(np.exp(logp) * logp).sum(-1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lp, np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0], atol=1e-4)
+
+
+def _params(model):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_non_finite_updates_are_skipped():
+    model = MiniMaxM1(CFG, rngs=nnx.Rngs(1))
+    opt = nnx.Optimizer(model, make_optimizer(OptimConfig(learning_rate=1e-2)), wrt=nnx.Param)
+    ids = jnp.asarray([[1, 5, 6, 7, 8, 9], [1, 8, 9, 10, 11, 0]])
+    comp = jnp.zeros((2, 5), bool).at[:, 2:].set(True)
+    w = token_weights(comp)
+    before = _params(model)
+    nan_old = jnp.full((2, 5), jnp.nan)
+    m = cispo_step(model, opt, ids, comp, nan_old, jnp.asarray([1.0, -1.0]), w, PRESETS["cispo"], nan_old)
+    assert not bool(m["finite"])
+    jax.tree.map(np.testing.assert_array_equal, _params(model), before)  # skipped: parameters untouched
+    m = cispo_step(model, opt, ids, comp, jnp.zeros((2, 5)), jnp.asarray([1.0, -1.0]), w, PRESETS["cispo"], nan_old)
+    assert bool(m["finite"])  # a finite step after it does update
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), _params(model), before)
+    assert any(jax.tree.leaves(changed))
