@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,14 +23,17 @@ class Attention(nnx.Module):
         self.v = param(rngs, (d, kvd), ("embed", "kv_heads_x_dim"), pdt, std=std)
         self.o = param(rngs, (hd, d), ("heads_x_dim", "embed"), pdt, std=std)
 
-    def __call__(self, a, positions, mask=None, kv_cache=None, cache_index=None, key_valid=None):
+    def __call__(self, a, positions, mask=None, kv_cache=None, key_valid=None):
         """a: [batch, seq, hidden]; positions: [batch, seq] (RoPE); mask: optional [batch, seq] key mask.
 
-        Without a cache: causal attention over the seq tokens. With ``kv_cache`` = (k, v), each
-        [batch, kv_heads, max_len, head_dim]: the new keys/values are written at ``cache_index`` and
-        the queries attend to every cached key that ``key_valid`` [batch, max_len] marks, causally.
-        Returns (out [batch, seq, hidden], new kv_cache or None). Query head h uses kv head
-        h // (heads / kv_heads). Scores and softmax in float32.
+        Without a cache: causal attention over the seq tokens (queries taken ``attention_chunk`` at a
+        time). With ``kv_cache`` = (k, v), each [batch, kv_heads, max_len, head_dim], holding the
+        earlier tokens in the columns that ``key_valid`` [batch, max_len] marks: the queries attend to
+        those and, causally, to the new tokens. The cache is only read: the new tokens' keys and
+        values are returned for the caller to write, so a decode step never copies a cache.
+
+        Returns (out [batch, seq, hidden], (k, v) of the new tokens [batch, kv_heads, seq, head_dim]).
+        Query head h uses kv head h // (heads / kv_heads). Scores and softmax in float32.
         """
         cfg = self.cfg
         b, t, _ = a.shape
@@ -41,23 +45,48 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
         q = q.reshape(b, t, kv, h // kv, d)
-        if kv_cache is None:
-            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, d]
-            allowed = jnp.tril(jnp.ones((t, t), bool))[None, None, None]
-            if mask is not None:
-                allowed = allowed & (mask[:, None, None, None, :] > 0)
-            new_cache = None
-        else:
-            kc, vc = kv_cache
-            at = (0, 0, cache_index, 0)
-            keys = jax.lax.dynamic_update_slice(kc, k.transpose(0, 2, 1, 3).astype(kc.dtype), at)
-            values = jax.lax.dynamic_update_slice(vc, v.transpose(0, 2, 1, 3).astype(vc.dtype), at)
-            s_idx = jnp.arange(kc.shape[2])
-            causal = s_idx[None, :] <= cache_index + jnp.arange(t)[:, None]  # [T, L]
-            allowed = causal[None, None, None] & (key_valid[:, None, None, None, :] > 0)
-            new_cache = (keys, values)
-        scores = jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(dt), preferred_element_type=F32) / math.sqrt(d)
-        scores = jnp.where(allowed, scores, jnp.finfo(F32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        o = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(dt)).reshape(b, t, h * d)
-        return o @ self.o[...].astype(dt), new_cache
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, d]
+        key_ok = jnp.ones((b, t), bool) if mask is None else mask > 0
+
+        def attend(q_rows, rows):
+            """Queries at rows (positions within the new tokens) over the cache and the new tokens."""
+            causal = (jnp.arange(t)[None, :] <= rows[:, None])[None, None, None] & key_ok[:, None, None, None, :]
+            parts = [(k, v, causal)]
+            if kv_cache is not None:
+                parts.insert(0, (*kv_cache, (key_valid > 0)[:, None, None, None, :]))
+            return _softmax_attention(q_rows, parts, math.sqrt(d))
+
+        chunk = cfg.attention_chunk
+        if kv_cache is not None or not chunk or t <= chunk:
+            o = attend(q, jnp.arange(t))
+        else:  # scores [chunk, seq] at a time: a long prompt/sequence needs no [seq, seq] buffer
+            n = -(-t // chunk)
+            qp = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0), (0, 0)))
+            qs = qp.reshape(b, n, chunk, kv, h // kv, d).swapaxes(0, 1)
+            rows = jnp.arange(n * chunk).reshape(n, chunk)
+            o = jax.lax.map(jax.checkpoint(lambda xs: attend(*xs)), (qs, rows)).swapaxes(0, 1).reshape(b, n * chunk, kv, h // kv, d)
+            o = o[:, :t]
+        out = o.reshape(b, t, h * d) @ self.o[...].astype(dt)
+        return out, (None if kv_cache is None else (k, v))
+
+
+def _softmax_attention(q, parts, sqrt_d):
+    """softmax(q . keys / sqrt_d) . values over the keys of several (keys, values, allowed) parts.
+
+    q: [B, T, KV, G, d]; keys/values: [B, KV, S, d]; allowed broadcasts to
+    [B, KV, G, T, S]. A row with no allowed key gets uniform weights (as a -inf-free softmax does).
+    """
+    dt = q.dtype
+    if q.shape[1] == 1:  # one query (decode): multiply-reduce, a fusion that streams the cache once
+        dot = lambda keys: jnp.sum(  # noqa: E731
+            q[:, 0, :, :, None, None, :].astype(F32) * keys[:, :, None, None].astype(F32), axis=-1)
+        mix = lambda w, values: jnp.sum(  # noqa: E731
+            w[..., None] * values[:, :, None, None].astype(F32), axis=-2).astype(dt).transpose(0, 3, 1, 2, 4)
+    else:
+        dot = lambda keys: jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(dt), preferred_element_type=F32)  # noqa: E731
+        mix = lambda w, values: jnp.einsum("bkgts,bksd->btkgd", w.astype(dt), values.astype(dt))  # noqa: E731
+    scores = [jnp.where(ok, dot(keys) / sqrt_d, jnp.finfo(F32).min) for keys, _, ok in parts]
+    top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    weights = [jnp.exp(s - top) for s in scores]
+    total = sum(w.sum(-1, keepdims=True) for w in weights)
+    return sum(mix(w / total, values) for w, (_, values, _) in zip(weights, parts))

@@ -50,16 +50,17 @@ class DecoderLayer(nnx.Module):
             self.alpha, self.beta = cfg.full_attn_alpha, cfg.full_attn_beta
         self.moe = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x, decay_rate, positions, mask, cache=None, cache_index=None, key_valid=None):
+    def __call__(self, x, decay_rate, positions, mask, cache=None, key_valid=None):
         """cache: this layer's entry of the hybrid cache (lightning: {"state"}; softmax: {"k", "v"})
-        or None. Returns (x, RouterStats, new cache entry or None)."""
+        or None. Returns (x, RouterStats, new entry or None): the new state of a lightning layer,
+        the new tokens' columns {"k", "v"} of a softmax layer (written into the cache by the model)."""
         a = self.input_norm(x)
         if self.layer_type == LINEAR:
             m, state = self.mixer(a, decay_rate, mask, None if cache is None else cache["state"])
             new_cache = None if cache is None else {"state": state}
         else:
             kv = None if cache is None else (cache["k"], cache["v"])
-            m, kv = self.mixer(a, positions, mask, kv, cache_index, key_valid)
+            m, kv = self.mixer(a, positions, mask, kv, key_valid)
             new_cache = None if cache is None else {"k": kv[0], "v": kv[1]}
         x1 = self.alpha * (a if self.cfg.postnorm else x) + self.beta * m
         b = self.post_norm(x1)
@@ -76,7 +77,7 @@ class Block(nnx.Module):
         self.remat_layers = cfg.remat_layers
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in layer_types])
 
-    def __call__(self, x, decay_rates, positions, mask, cache=None, cache_index=None, key_valid=None):
+    def __call__(self, x, decay_rates, positions, mask, cache=None, key_valid=None):
         """decay_rates: [len(layer_types), heads]; cache: list of per-layer entries or None.
 
         Returns (x, RouterStats stacked over the layers, new cache list or None)."""
@@ -86,7 +87,7 @@ class Block(nnx.Module):
             if self.remat_layers and cache is None:  # the backward recomputes this layer on its own
                 x, stats, entry = nnx.remat(DecoderLayer.__call__)(layer, x, decay_rates[i], positions, mask)
             else:
-                x, stats, entry = layer(x, decay_rates[i], positions, mask, entry, cache_index, key_valid)
+                x, stats, entry = layer(x, decay_rates[i], positions, mask, entry, key_valid)
             all_stats.append(stats)
             new_cache.append(entry)
         return x, jax.tree.map(lambda *s: jnp.stack(s), *all_stats), (None if cache is None else new_cache)
@@ -101,10 +102,10 @@ def _stacked_blocks(cfg: ModelConfig, layer_types, repeats: int, rngs: nnx.Rngs)
     return make(rngs)
 
 
-def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool, cache=None, cache_index=None,
-                 key_valid=None):
+def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool, cache=None, key_valid=None):
     """Scan x through stacked blocks. decay_rates: [repeats, period, heads]; cache: per-slot list
-    of entries with a leading [repeats] axis (scanned along with the parameters), or None."""
+    of entries with a leading [repeats] axis (scanned along with the parameters), or None.
+    Returns (x, stats, new entries stacked over the repeats or None)."""
 
     # A plain lax.scan over the split parameter state (each step merges one block's slice):
     # unlike nnx.scan it nests under any enclosing trace (jit, while_loop, shard_map).
@@ -112,12 +113,12 @@ def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool, ca
 
     def body(x, xs):
         block_params, rates, cache = xs
-        x, stats, cache = nnx.merge(graphdef, block_params)(x, rates, positions, mask, cache, cache_index, key_valid)
+        x, stats, cache = nnx.merge(graphdef, block_params)(x, rates, positions, mask, cache, key_valid)
         return x, (stats, cache)
 
     if remat:
         body = jax.checkpoint(body)
-    x, (stats, cache) = jax.lax.scan(body, x, (params, decay_rates, cache))
+    x, (stats, cache) = jax.lax.scan(body, x, (params, decay_rates, cache), unroll=cache is not None)
     return x, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stats), cache  # stats: [repeats*period, ...]
 
 
@@ -156,25 +157,26 @@ class MiniMaxM1(nnx.Module):
         rates = jnp.asarray(cfg.decay_rates(), F32)  # [L, H]
         period, repeats, tail = cfg.pattern
         n = repeats * len(period)
-        key_valid = None
-        if cache is not None:
-            new_valid = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-            key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], new_valid, (0, cache_index))
-        kw = dict(cache_index=cache_index, key_valid=key_valid)
-        x, stats, blocks_cache = _run_stacked(
+        key_valid = None if cache is None else cache["key_valid"]  # the earlier tokens' columns
+        x, stats, blocks_new = _run_stacked(
             self.blocks, x, rates[:n].reshape(repeats, len(period), -1), positions, attention_mask, cfg.remat,
-            None if cache is None else cache["blocks"], **kw,
+            None if cache is None else cache["blocks"], key_valid,
         )
-        tail_cache = None
+        tail_new = None
         if self.tail is not None:
-            x, tail_stats, tail_cache = _run_stacked(
+            x, tail_stats, tail_new = _run_stacked(
                 self.tail, x, rates[n:][None], positions, attention_mask, cfg.remat,
-                None if cache is None else cache["tail"], **kw,
+                None if cache is None else cache["tail"], key_valid,
             )
             stats = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), stats, tail_stats)
         new_cache = None
         if cache is not None:
-            new_cache = {"blocks": blocks_cache, "tail": tail_cache, "key_valid": key_valid}
+            new_valid = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+            new_cache = {
+                "blocks": _write_columns(cache["blocks"], blocks_new, cache_index),
+                "tail": None if self.tail is None else _write_columns(cache["tail"], tail_new, cache_index),
+                "key_valid": jax.lax.dynamic_update_slice(key_valid, new_valid, (0, cache_index)),
+            }
         return self.final_norm(x), stats, new_cache
 
     def init_cache(self, batch: int, max_len: int, kv_dtype=None):
@@ -222,6 +224,17 @@ class MiniMaxM1(nnx.Module):
         positions optional [batch, seq] (default arange, as transformers)."""
         h, stats, _ = self.hidden_states(input_ids, attention_mask, positions)
         return ModelOutput(self.logits(h), load_balancing_loss(stats, self.cfg.num_experts), stats)
+
+
+def _write_columns(cache, new, cache_index):
+    """The cache after a step: lightning entries replaced by their new states, softmax entries with
+    the new tokens' k/v [repeats, batch, kv_heads, seq, head_dim] written at column cache_index (an
+    in-place update when the cache is a loop carry)."""
+
+    def write(old, cols):
+        return jax.lax.dynamic_update_slice(old, cols.astype(old.dtype), (0, 0, 0, cache_index, 0))
+
+    return [jax.tree.map(write, old, e) if "k" in old else e for old, e in zip(cache, new)]
 
 
 def layer_index(cfg: ModelConfig, l: int) -> tuple[str, int, int]:

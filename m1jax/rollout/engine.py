@@ -78,7 +78,13 @@ def _prefill(graphdef, state, ids, mask, cache, chunk: int):
     return last[-1], cache, routing
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "chunk"))
+# XLA:CPU's default copy insertion copies every loop-carried buffer that is both read and updated
+# in place (here: each KV cache, every decode step — the whole cache). Its region analysis proves
+# the reads happen first and drops the copies; backends other than CPU ignore this option.
+_LOOP_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "chunk"), compiler_options=_LOOP_OPTIONS)
 def prefill(graphdef, state, ids, mask, max_new: int, chunk: int):
     """Fill a fresh hybrid cache of prompt + max_new columns. Returns (last logits, cache, n_real)."""
     b, p = ids.shape
@@ -88,7 +94,7 @@ def prefill(graphdef, state, ids, mask, max_new: int, chunk: int):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples", "record_routing"),
-                   donate_argnames=("cache",))
+                   compiler_options=_LOOP_OPTIONS)
 def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: SamplingParams,
            num_samples: int, record_routing: bool = False) -> Rollout:
     """The decode loop (one lax.while_loop) from a prefilled cache; forks it to num_samples first."""
