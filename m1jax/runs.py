@@ -90,12 +90,15 @@ def restore_model(workdir: str, *, step: int | None = None, mesh: Mesh | None = 
 
 
 def save_model(workdir: str, model: MiniMaxM1, step: int) -> None:
-    """Write ``model`` as checkpoint ``step`` of ``workdir`` (local or gs://), creating config.json
-    (its ``model`` section) when the directory has none; ``restore_model`` reads it back."""
+    """Write ``model`` as checkpoint ``step`` of ``workdir`` (local or gs://), replacing a checkpoint
+    already at that step, and config.json (its ``model`` section) when the directory has none;
+    ``restore_model`` reads it back."""
     workdir = storage.prepare_dir(workdir)
     config_path = storage.join(workdir, CONFIG_FILE)
     if not storage.exists(config_path):
         storage.write_text(config_path, json.dumps({"model": model.cfg.to_dict()}, indent=2))
     with ocp.CheckpointManager(storage.join(workdir, CHECKPOINTS)) as mgr:
+        if step in mgr.all_steps():  # orbax would keep the old one and skip the save
+            mgr.delete(step)
         mgr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model)))))
         mgr.wait_until_finished()

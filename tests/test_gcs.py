@@ -117,3 +117,19 @@ def test_missing_bucket_or_checkpoint_is_a_clear_error(gcs, tmp_path):  # noqa: 
         runs.checkpoint_manager(f"gs://{BUCKET}/no-ckpt")
     with pytest.raises(storage.StorageError, match="bucket gs://nope of gs://nope/run does not exist"):
         runs.restore_model("gs://nope/run")
+
+
+def test_save_model_replaces_a_step_and_restores_on_gcs(gcs):  # noqa: F811
+    from m1jax.model import MiniMaxM1, ModelConfig
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                      layer_types=("linear_attention", "full_attention"), num_experts=2, num_experts_per_tok=1,
+                      intermediate_size=32, rotary_dim=16, block_size=4)
+    workdir = f"gs://{BUCKET}/saved-model"
+    for seed in (1, 2):  # the second save of step 3 replaces the first
+        model = MiniMaxM1(cfg, rngs=nnx.Rngs(seed))
+        runs.save_model(workdir, model, step=3)
+    back, step = runs.restore_model(workdir)
+    assert step == 3
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(back))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
