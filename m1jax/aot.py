@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Any, Callable
@@ -73,6 +74,9 @@ def topology_name(name: str) -> str:
 
 def tpu_devices(topology: str):
     """Compile-only TPU devices of a slice (needs libtpu; no TPU hardware)."""
+    # Compile-only: no chip is opened, so concurrent planners (pytest -n 2, a user's second shell)
+    # need not take libtpu's one-process-per-host lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 

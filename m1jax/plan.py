@@ -47,7 +47,7 @@ def _parse(argv):
     p.add_argument("--context", type=int, default=None, help="cache columns (default: prompt_len + max_new_tokens)")
     p.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default: rollout.max_prompt_len)")
     p.add_argument("--prefill_chunk", type=int, default=None, help="prefill columns per step (default: min(2048, prompt_len))")
-    p.add_argument("--top", type=int, default=6, help="largest arguments to list")
+    p.add_argument("--top", type=int, default=4, help="largest arguments to list")
     args, rest = p.parse_known_args(argv)
     overrides = {}
     for item in rest:
@@ -92,35 +92,50 @@ def suggestion(mc, program: str, state_bytes: float, hbm: float, cfg, topology: 
         return f"the float32 weights and AdamW moments take {state_bytes / GiB:.1f} GiB per chip: use {bigger_txt}"
     donor = "data" if mc.data > 1 else "fsdp" if mc.fsdp > 1 else None
     t2 = mc.tensor * 2
-    if donor and cfg.num_heads % t2 == 0:
+    # Doubling tensor helps while it divides the heads (and, for the KV cache, the KV heads).
+    splits = cfg.num_heads % t2 == 0 and (program == "train" or cfg.num_kv_heads % t2 == 0)
+    if donor and splits:
         flags = f"--mesh.{donor}={getattr(mc, donor) // 2} --mesh.tensor={t2}"
-        return (f"activations do not fit: split heads, expert MLP width and vocabulary over more chips ({flags}; "
-                f"halve --batch / --rollout_batch with it to keep the per-chip sequences), or fewer sequences per "
-                f"chip, or {bigger_txt}")
-    return f"activations do not fit: fewer sequences per chip (--batch / --rollout_batch), or {bigger_txt}"
+        return (f"activations do not fit: split heads, expert MLP width and vocabulary over more chips ({flags}, "
+                f"with --batch / --rollout_batch halved: sequences are split over data x fsdp x expert), or "
+                f"{bigger_txt}")
+    what = "--batch" if program == "train" else "--rollout_batch or --context"
+    return f"activations do not fit: a smaller {what} (per chip), or {bigger_txt}"
 
 
-def _leaf_name(path) -> str:
+# Names of the programs' positional arguments (see m1jax.aot.lower_*); train's state is (model, optimizer).
+ARG_NAMES = {
+    "train": (("model", "optimizer"), "ids", "completion_mask", "old_logp", "advantages", "weights"),
+    "prefill": ("model", "ids", "mask"),
+    "decode": ("model", "cache", "last_logits", "n_real"),
+}
+
+
+def _leaf_name(program: str, path) -> str:
     import jax
 
-    parts = []
-    for k in path:
-        s = jax.tree_util.keystr((k,)).strip("[]'.")
-        if s not in ("value", "raw_value"):
-            parts.append(s)
-    return ".".join(parts)
+    keys = [jax.tree_util.keystr((k,)).strip("[]'.") for k in path]
+    names = ARG_NAMES[program][int(keys[0])]
+    if isinstance(names, tuple):
+        names, keys = names[int(keys[1])], keys[1:]
+    return ".".join([names] + [k for k in keys[1:] if k not in ("value", "raw_value")])
 
 
-def describe_args(args, top: int) -> list[str]:
-    """The ``top`` largest arguments per device, e.g. '1.23 GiB  0.blocks.layers.0.moe.w1 f32[10,32,6144,9216]'."""
+def describe_args(program: str, args, top: int) -> list[str]:
+    """Per-chip argument bytes by group (model, optimizer, cache, ...) and the ``top`` largest arguments."""
     import jax
 
     from m1jax.aot import per_device_bytes
 
-    leaves = jax.tree_util.tree_leaves_with_path(args)
-    rows = sorted(((per_device_bytes(x), _leaf_name(p), x) for p, x in leaves), key=lambda r: -r[0])
-    return [f"{b / GiB:8.2f} GiB  {name} {x.dtype}{list(x.shape)} per chip {list(x.sharding.shard_shape(x.shape))}"
-            for b, name, x in rows[:top]]
+    rows = sorted(((per_device_bytes(x), _leaf_name(program, p), x) for p, x in jax.tree_util.tree_leaves_with_path(args)),
+                  key=lambda r: -r[0])
+    groups: dict[str, int] = {}
+    for b, name, _ in rows:
+        group = name.split(".")[0]
+        groups[group] = groups.get(group, 0) + b
+    lines = ["by group: " + ", ".join(f"{g} {b / GiB:.2f} GiB" for g, b in sorted(groups.items(), key=lambda kv: -kv[1]))]
+    return lines + [f"{b / GiB:8.2f} GiB  {name} {x.dtype}{list(x.shape)}, per chip {list(x.sharding.shard_shape(x.shape))}"
+                    for b, name, x in rows[:top]]
 
 
 def _report(c, hbm: float | None, cfg) -> bool:
@@ -220,8 +235,8 @@ def main(argv=None) -> int:
             continue
         if not _report(c, hbm, cfg):
             failed.append(program)
-        print("  largest arguments:")
-        for line in describe_args(args, a.top):
+        print("  arguments per chip:")
+        for line in describe_args(program, args, a.top):
             print("    " + line)
     print(f"\n{'DOES NOT FIT: ' + ', '.join(failed) if failed else 'all programs fit'}")
     return 1 if failed else 0
