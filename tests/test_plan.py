@@ -71,8 +71,8 @@ def test_shape_checks_name_the_fix():
 def test_memory_options_do_not_change_values(field):
     """Chunked softmax attention (queries 4 at a time over 11 tokens, with padding) and per-layer
     remat give the same logits and gradients as the plain model."""
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                      layer_types=(LIN, FULL), num_experts=4, intermediate_size=16, rotary_dim=8, block_size=4,
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                      layer_types=(FULL,), num_experts=4, intermediate_size=16, rotary_dim=8,
                       initializer_range=0.2, remat=True, attention_chunk=0)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 11)))
     mask = jnp.ones((2, 11), jnp.int32).at[0, :3].set(0)
