@@ -64,7 +64,15 @@ def main():
     print(f"tiny MiniMax ({model.cfg.param_count():,} params), prompt {a.prompt}, {a.new_tokens} new tokens, "
           f"top-p 0.95, CPU {os.cpu_count()} threads, loadavg {os.getloadavg()[0]:.2f}")
     sp = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=a.new_tokens)
-    print(f"{'batch':>6} | {'m1jax tok/s':>12} | {'transformers tok/s':>18} | ratio")
+    # Every decode step of any implementation reads every weight at least once (at batch >= 2 all
+    # experts are hit): weight bytes / DRAM bandwidth bounds the step time from below.
+    x = jax.numpy.ones((1 << 26,), jax.numpy.float32)
+    bw = 2 * x.nbytes / timed(lambda: jax.jit(lambda x: x * 2.0)(x), reps=5) / 1e9
+    weight_bytes = 4 * model.cfg.param_count()
+    step_floor = weight_bytes / (bw * 1e9)
+    print(f"DRAM read+write {bw:.1f} GB/s; fp32 weights {weight_bytes / 2**20:.0f} MiB -> any decode step >= "
+          f"{step_floor * 1e3:.1f} ms (the bound column: tokens/s if a step cost only that)")
+    print(f"{'batch':>6} | {'m1jax tok/s':>12} | {'transformers tok/s':>18} | ratio | {'bound tok/s':>11}")
     for b in [int(x) for x in a.batches.split(",")]:
         prompts = np.random.default_rng(b).integers(1, 512, size=(b, a.prompt))
         ours = timed(lambda: generate(model, prompts.tolist(), sp, key=jax.random.key(0)).tokens)
@@ -76,7 +84,7 @@ def main():
                                          pad_token_id=0)
             theirs = timed(run_hf, reps=1)
         n = b * a.new_tokens
-        print(f"{b:>6} | {n / ours:>12,.0f} | {n / theirs:>18,.0f} | {theirs / ours:.1f}x")
+        print(f"{b:>6} | {n / ours:>12,.0f} | {n / theirs:>18,.0f} | {theirs / ours:>4.1f}x | {b / step_floor:>11,.0f}")
     print(f"\ndecode time per token (batch 1, {a.decode_steps} steps after the prefill), m1jax:")
     from flax import nnx
 
@@ -99,9 +107,11 @@ def main():
         per = best / a.decode_steps
         base = base or per
         kv = 2 * model.cfg.num_kv_heads * (ctx + a.decode_steps) * model.cfg.head_dim * 4 / 2**20
+        floor = (weight_bytes + kv * 2**20) / (bw * 1e9)
         print(f"  context {ctx:>6}: {per * 1e3:.2f} ms/token ({per / base:.2f}x the first context); "
               f"prefill {t_pre:.2f}s; KV cache of the one softmax layer {kv:.1f} MiB, lightning states "
-              f"{7 * model.cfg.num_heads * model.cfg.head_dim ** 2 * 4 / 2**20:.1f} MiB")
+              f"{7 * model.cfg.num_heads * model.cfg.head_dim ** 2 * 4 / 2**20:.1f} MiB; bound (weights + KV "
+              f"read once) {floor * 1e3:.1f} ms ({floor / (weight_bytes / (bw * 1e9)):.2f}x the weights alone)")
 
 
 if __name__ == "__main__":

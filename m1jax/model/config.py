@@ -57,6 +57,11 @@ class ModelConfig:
     # Expert parallelism: None = dropless (default); c > 0 caps each device-to-device buffer at
     # ceil(tokens * top_k / expert_shards * c) rows, dropping the overflow.
     moe_capacity_factor: float | None = None
+    # Single-device experts: "grouped" (sorted rows, ragged_dot: each row computes only its
+    # expert — native on GPU/TPU), "dense" (every expert on every token, combined with the routing
+    # weights), or "auto" = dense on CPU, where XLA lowers ragged_dot to a masked product of each of
+    # the tokens*top_k rows with every expert (top_k times dense's work). Under a mesh: grouped.
+    moe_impl: str = "auto"
     # "original": slope layer factor 1 - l/(L-1) + 1e-5 and ALiBi slope interpolation for
     # non-power-of-two heads (MiniMax remote code, vLLM); "hf": transformers' variant.
     decay_convention: str = "original"
@@ -119,6 +124,8 @@ class ModelConfig:
             need(math.isfinite(getattr(self, key)), key, f"must be finite, got {getattr(self, key)!r}.")
         need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
              f"must be None (dropless) or > 0, got {self.moe_capacity_factor!r}.")
+        need(self.moe_impl in ("auto", "grouped", "dense"), "moe_impl",
+             f"must be 'auto', 'grouped' or 'dense', got {self.moe_impl!r}.")
         need(self.lightning_impl in ("auto", "xla", "pallas"), "lightning_impl",
              f"must be 'auto', 'xla' or 'pallas', got {self.lightning_impl!r}.")
         need(isinstance(self.attention_chunk, (int, np.integer)) and self.attention_chunk >= 0, "attention_chunk",

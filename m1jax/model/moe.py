@@ -53,6 +53,18 @@ def expert_mlp(x, ids, weights, w1, w3, w2):
     return jnp.zeros((n, x.shape[-1]), F32).at[token].add(y)
 
 
+def expert_mlp_dense(x, ids, weights, w1, w3, w2):
+    """Every expert on every token, summed with the routing weights (0 for unselected experts):
+    x [N, D]; ids, weights [N, k]. Returns [N, D] float32 — equal to ``expert_mlp``."""
+    n, e = x.shape[0], w1.shape[0]
+    gate = jnp.zeros((n, e), F32).at[jnp.arange(n)[:, None], ids].add(weights.astype(F32))  # [N, E]
+    h1 = jnp.einsum("nd,edi->eni", x, w1, preferred_element_type=F32)
+    h3 = jnp.einsum("nd,edi->eni", x, w3, preferred_element_type=F32)
+    h = (jax.nn.silu(h1) * h3).astype(x.dtype)
+    y = jnp.einsum("eni,eid->end", h, w2, preferred_element_type=F32)
+    return jnp.einsum("end,ne->nd", y, gate, precision=HIGHEST)
+
+
 def _router_stats(probs, ids, row_w, num_experts):
     onehot = jax.nn.one_hot(ids, num_experts, dtype=F32).sum(axis=1)  # [N, E]
     return RouterStats(prob_sum=row_w @ probs, count=row_w @ onehot, rows=row_w.sum(), expert_ids=ids.astype(jnp.int32))
@@ -145,7 +157,10 @@ class MoE(nnx.Module):
         xf = x.reshape(b * t, d)
         logits = jnp.dot(xf.astype(F32), self.router[...], precision=HIGHEST)
         weights, ids, probs = route(logits, cfg.num_experts_per_tok)
-        y = expert_mlp(xf, ids, weights, w1, w3, w2)
+        impl = cfg.moe_impl
+        if impl == "auto":
+            impl = "dense" if jax.default_backend() == "cpu" else "grouped"
+        y = (expert_mlp_dense if impl == "dense" else expert_mlp)(xf, ids, weights, w1, w3, w2)
         stats = _router_stats(probs, ids, row_mask.reshape(-1), cfg.num_experts)
         return y.astype(dt).reshape(b, t, d), stats
 
