@@ -127,8 +127,8 @@ def main(argv):
         """Completions of problems, prompts left-padded to task.max_prompt_len (one compiled shape)."""
         ids, mask = left_pad([p.prompt_ids for p in probs], tok.pad_id)
         pad = ((0, 0), (task.max_prompt_len - ids.shape[1], 0))
-        return jax.device_get(generate(model, np.pad(ids, pad, constant_values=tok.pad_id), params, num_samples,
-                                       key, prompt_mask=np.pad(mask, pad)))
+        return jax.device_get(generate(model, np.pad(ids, pad, constant_values=tok.pad_id), params,
+                                       num_samples=num_samples, key=key, prompt_mask=np.pad(mask, pad)))
 
     def score(probs, r, g):
         """Rewards of the g samples of each problem (rows i*g ... i*g+g-1); failures print and score 0."""
