@@ -87,8 +87,10 @@ def tpu_devices(topology: str):
 
 
 def tpu_config(cfg: ModelConfig) -> ModelConfig:
-    """The model config compiled for TPU: lightning layers on the Pallas TPU (Mosaic) kernel."""
-    return cfg.replace(lightning_impl="pallas", pallas_backend="tpu")
+    """The model config compiled for TPU: lightning layers on the Pallas TPU (Mosaic) kernel, and
+    the choices "auto" would make on a TPU host rather than on this one (grouped MoE experts)."""
+    moe_impl = "grouped" if cfg.moe_impl == "auto" else cfg.moe_impl
+    return cfg.replace(lightning_impl="pallas", pallas_backend="tpu", moe_impl=moe_impl)
 
 
 # ----------------------------------------------------------------------------- abstract arguments
