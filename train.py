@@ -69,20 +69,31 @@ def main(argv):
     if rl.prompts_per_step % rl.minibatches:
         raise ValueError(f"rl.minibatches={rl.minibatches} must divide rl.prompts_per_step={rl.prompts_per_step}.")
     print(f"objective: {loss_cfg.describe()}", flush=True)
-    task = tasks.make_task(config.data)  # data files are read and checked here
+    # An environment curriculum (config.curriculum) replaces data.task; config.length stages the window.
+    curriculum = windows = None
+    if config.get("curriculum") is not None:
+        from m1jax.envs.curriculum import Curriculum
+        from m1jax.envs.genrm import LengthBiasMonitor
+
+        curriculum, length_bias = Curriculum(config.curriculum), LengthBiasMonitor()
+    task = curriculum.task() if curriculum else tasks.make_task(config.data)  # data files are read and checked here
     tok = task.tokenizer
     if cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens: "
                          f"set --config.model.vocab_size={tok.vocab_size}.")
     width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
-    reward_fn = rewards.get(rl.reward)  # unknown names fail here, before compiling
+    reward_fn = curriculum.reward if curriculum else rewards.get(rl.reward)  # unknown names fail here
+    if config.get("length") is not None:
+        from m1jax.envs.length import LengthSchedule
+
+        windows = LengthSchedule(config.length, task.max_new_tokens)
     total_steps = config.sft.steps + rl.steps
 
     model = MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed))
     sft_opt = nnx.Optimizer(model, make_optimizer(sft_opt_cfg), wrt=nnx.Param)
     rl_opt = nnx.Optimizer(model, make_optimizer(rl_opt_cfg), wrt=nnx.Param)
     sft_it = iter(task.stream(config.seed).batch(config.sft.batch_size, batch_fn=list).to_iter_dataset())
-    rl_it = iter(task.stream(config.seed + 1).to_iter_dataset())
+    rl_it = curriculum.iterator(config.seed + 1) if curriculum else iter(task.stream(config.seed + 1).to_iter_dataset())
     key = jax.random.key(config.seed)
 
     # ---------------------------------------------------------------- checkpoints (resume)
@@ -105,12 +116,14 @@ def main(argv):
         meta = restored["meta"]
         sft_it.set_state(meta["sft_data"])
         rl_it.set_state(meta["rl_data"])
+        if windows:
+            windows.restore(meta["length"])
         key = jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32))
         start = step
         print(f"resumed from checkpoint step {step}", flush=True)
 
     def save(step):
-        meta.update(sft_data=sft_it.get_state(), rl_data=rl_it.get_state(),
+        meta.update(sft_data=sft_it.get_state(), rl_data=rl_it.get_state(), length=windows and windows.state(),
                     key=np.asarray(jax.random.key_data(key)).tolist())
         mgr.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(pure(model)), sft_opt=ocp.args.StandardSave(pure(sft_opt)),
@@ -177,6 +190,11 @@ def main(argv):
                 log({"step": step, "phase": "eval", "pass_at_1": meta["eval_before"]})
         else:  # -------------------------------------------------------------------------- RL
             t0 = time.perf_counter()
+            if curriculum:  # this step's mixture weights
+                rl_it.set_step(step - config.sft.steps)
+            if windows:  # this step's generation window
+                sampling = dataclasses.replace(sampling, max_new_tokens=windows.window)
+            step_probs, step_lengths = [], []
             g = rl.samples_per_prompt
             kept_prompts, kept_tokens, kept_logp, kept_len, kept_rewards, all_rewards = [], [], [], [], [], []
             n_gen = n_failures = 0
@@ -184,6 +202,8 @@ def main(argv):
                 probs = [next(rl_it) for _ in range(rl.prompts_per_step)]
                 key, sub = jax.random.split(key)
                 r = sample(probs, sampling, g, sub)
+                step_probs += probs
+                step_lengths.append(r.lengths)
                 report = score(probs, r, g)
                 n_failures += report.errors + report.timeouts
                 scores = np.asarray(report.scores).reshape(len(probs), g)
@@ -219,6 +239,8 @@ def main(argv):
                     old = np.where(comp, lp_now, 0.0).astype(np.float32)
                 rec["response_len_p50"] = float(np.percentile(lengths, 50))
                 rec["response_len_p99"] = float(np.percentile(lengths, 99))
+                if windows:  # p99 length and generation perplexity of this step; may advance the window
+                    rec.update(windows.update(step - config.sft.steps, lengths, sampler_lp[comp]))
                 groups = np.repeat(np.arange(n), g)
                 mb_rows = np.array_split(np.random.default_rng(step).permutation(ids.shape[0]), rl.minibatches)
                 updates, ratios = [], []
@@ -238,6 +260,13 @@ def main(argv):
                 rec["is_ratio_p99"] = float(np.percentile(np.concatenate(ratios), 99))
                 rec["skipped_updates"] = sum(not u["finite"] for u in updates)
                 rec["tokens_per_s"] = float(lengths.sum() / (time.perf_counter() - t0))
+            if curriculum:
+                rec.update(curriculum.weights(step - config.sft.steps))
+                rec.update(curriculum.metrics(step_probs, all_rewards, np.concatenate(step_lengths)))
+                # reward vs length correlation; flag when reward grows with length but "solved" does not
+                rec.update(length_bias.update(all_rewards, np.concatenate(step_lengths), all_rewards >= 1))
+            if windows:
+                rec.setdefault("length/window", sampling.max_new_tokens)
             log(rec)
             bar.update(step + 1, f"rl reward {rec['reward_mean']:.3f} kept {rec['groups_kept']}")
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == total_steps:
