@@ -90,6 +90,29 @@ def test_sampler_logprobs_match_training_forward(model):
     np.testing.assert_allclose(samp, train, atol=2e-4)
 
 
+def test_bfloat16_kv_cache(model):
+    """kv_dtype="bfloat16" stores the KV caches in bf16 and changes nothing else: a decode step on it
+    equals one on an fp32 cache whose keys/values were rounded to bf16 (and differs from unrounded)."""
+    from m1jax.rollout.engine import prefill
+
+    ids, mask = left_pad(PROMPTS)
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda m, tok, c, i, ps: m.forward_with_cache(tok, c, i, None, ps)[0])
+    tok = jnp.asarray([[3], [4], [5], [6]])
+    caches = {dt: prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), 4, ids.shape[1], dt)[1:3]
+              for dt in (None, "bfloat16")}
+    (c32, n_real), (c16, _) = caches[None], caches["bfloat16"]
+    kv16 = [e for e in c16["blocks"] if "k" in e]
+    assert kv16 and all(e["k"].dtype == e["v"].dtype == jnp.bfloat16 for e in kv16)
+    rounded = dict(c32, blocks=[{k: v.astype(jnp.bfloat16).astype(jnp.float32) for k, v in e.items()} if "k" in e
+                                else e for e in c32["blocks"]])
+    got, want, unrounded = (np.asarray(step(model, tok, c, ids.shape[1], n_real[:, None])) for c in (c16, rounded, c32))
+    np.testing.assert_allclose(got, want, atol=1e-5 * want.std())
+    assert np.abs(got - unrounded).max() > 1e-3 * want.std()
+    r = generate(model, PROMPTS, SamplingParams(greedy=True, max_new_tokens=6), kv_dtype="bfloat16")
+    assert (np.asarray(r.lengths) == 6).all()
+
+
 def test_top_p_top_k_truncation_and_truncated_logprobs():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     kept = np.isfinite(np.asarray(truncate(logits, 0, 0.7)))

@@ -84,11 +84,13 @@ def _prefill(graphdef, state, ids, mask, cache, chunk: int):
 _LOOP_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "chunk"), compiler_options=_LOOP_OPTIONS)
-def prefill(graphdef, state, ids, mask, max_new: int, chunk: int):
-    """Fill a fresh hybrid cache of prompt + max_new columns. Returns (last logits, cache, n_real)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "chunk", "kv_dtype"),
+                   compiler_options=_LOOP_OPTIONS)
+def prefill(graphdef, state, ids, mask, max_new: int, chunk: int, kv_dtype: str | None = None):
+    """Fill a fresh hybrid cache of prompt + max_new columns (KV caches in ``kv_dtype``, default the
+    model's compute dtype). Returns (last logits, cache, n_real, routing)."""
     b, p = ids.shape
-    cache = nnx.merge(graphdef, state).init_cache(b, p + max_new)
+    cache = nnx.merge(graphdef, state).init_cache(b, p + max_new, kv_dtype and jnp.dtype(kv_dtype))
     last, cache, routing = _prefill(graphdef, state, ids, mask, cache, chunk)
     return last, cache, mask.sum(axis=1).astype(jnp.int32), routing
 
@@ -150,7 +152,8 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
 
 
 def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int = 1, key=None,
-             prompt_mask=None, prefill_chunk: int = 2048, record_routing: bool = False) -> Rollout:
+             prompt_mask=None, prefill_chunk: int = 2048, record_routing: bool = False,
+             kv_dtype: str | None = None) -> Rollout:
     """Sample ``num_samples`` completions per prompt.
 
     prompts: a list of token-id lists (left-padded here), or ids [B, P] with ``prompt_mask``.
@@ -158,6 +161,8 @@ def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int
     i*num_samples ... i*num_samples + num_samples - 1). Prompts longer than ``prefill_chunk`` are
     prefilled chunk by chunk (left-padded to a multiple of it). ``record_routing`` adds the top-k
     expert ids of every prompt and completion token in every layer (Rollout.routing, .prompt_routing).
+    ``kv_dtype`` (e.g. "bfloat16") stores the softmax layers' KV caches in that dtype: half the bytes
+    a decode step streams at long context, at bfloat16 rounding of keys and values.
     """
     if prompt_mask is None:
         ids, mask = left_pad(prompts)
@@ -170,6 +175,6 @@ def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int
     key = jax.random.key(params.seed) if key is None else key
     graphdef, state = nnx.split(model)
     last, cache, n_real, prompt_routing = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                                  params.max_new_tokens, min(prefill_chunk, ids.shape[1]))
+                                                  params.max_new_tokens, min(prefill_chunk, ids.shape[1]), kv_dtype)
     out = decode(graphdef, state, cache, last, n_real, ids.shape[1], key, params, num_samples, record_routing)
     return out._replace(prompt_routing=prompt_routing) if record_routing else out
