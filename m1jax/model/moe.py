@@ -55,14 +55,20 @@ def expert_mlp(x, ids, weights, w1, w3, w2):
 
 def expert_mlp_dense(x, ids, weights, w1, w3, w2):
     """Every expert on every token, summed with the routing weights (0 for unselected experts):
-    x [N, D]; ids, weights [N, k]. Returns [N, D] float32 — equal to ``expert_mlp``."""
+    x [N, D]; ids, weights [N, k]. Returns [N, D] float32 — equal to ``expert_mlp``.
+
+    Written as dots batched over the expert axis, which read w1/w3 [E, D, I] and w2 [E, I, D] in
+    their stored layout. ("nd,edi->eni" instead makes XLA:CPU merge the experts into one
+    [D, E*I] matmul and transpose the weights into it on every call: inside the decode loop that
+    was half of a step.)
+    """
     n, e = x.shape[0], w1.shape[0]
     gate = jnp.zeros((n, e), F32).at[jnp.arange(n)[:, None], ids].add(weights.astype(F32))  # [N, E]
-    h1 = jnp.einsum("nd,edi->eni", x, w1, preferred_element_type=F32)
-    h3 = jnp.einsum("nd,edi->eni", x, w3, preferred_element_type=F32)
-    h = (jax.nn.silu(h1) * h3).astype(x.dtype)
-    y = jnp.einsum("eni,eid->end", h, w2, preferred_element_type=F32)
-    return jnp.einsum("end,ne->nd", y, gate, precision=HIGHEST)
+    xe = jnp.broadcast_to(x, (e, *x.shape))
+    h1 = jnp.einsum("end,edi->eni", xe, w1, preferred_element_type=F32)
+    h3 = jnp.einsum("end,edi->eni", xe, w3, preferred_element_type=F32)
+    h = (jax.nn.silu(h1) * h3 * gate.T[:, :, None]).astype(x.dtype)
+    return jnp.einsum("eni,eid->nd", h, w2, preferred_element_type=F32)
 
 
 def _router_stats(probs, ids, row_w, num_experts):
