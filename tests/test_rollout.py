@@ -127,6 +127,32 @@ def test_top_p_top_k_truncation_and_truncated_logprobs():
     np.testing.assert_allclose(np.asarray(s.logprob_truncated), np.log([0.625, 0.375])[np.asarray(s.token)], rtol=1e-5)
 
 
+def _sorted_cumsum_keep(logits, top_k, top_p):
+    """The textbook rule in float64 numpy: sort descending, keep the first top_k, and keep a token
+    while the mass of the tokens before it is below top_p."""
+    keep = np.zeros(logits.shape, bool)
+    for r, row in enumerate(logits.astype(np.float64)):
+        order = np.argsort(-row, kind="stable")
+        if top_k:
+            order = order[:top_k]
+        p = np.exp(row[order] - row[order].max())
+        p /= p.sum()
+        before = np.cumsum(p) - p
+        keep[r, order[before < top_p]] = True
+    return keep
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.3), (0, 0.9), (0, 0.95), (7, 0.9), (7, 1.0), (1, 0.5)])
+def test_truncation_equals_sorted_cumsum_rule(top_k, top_p):
+    """The sort-free threshold search keeps exactly the tokens the sorted-cumsum rule keeps."""
+    logits = np.random.default_rng(top_k).normal(size=(64, 300)).astype(np.float32) * np.linspace(0.5, 4, 64)[:, None]
+    got = np.isfinite(np.asarray(jax.jit(truncate, static_argnums=(1, 2))(jnp.asarray(logits), top_k, top_p)))
+    np.testing.assert_array_equal(got, _sorted_cumsum_keep(logits, top_k, top_p))
+    # tied tokens are kept together (the sorted rule keeps one of the two 0.295s: 0.31 + 0.295 >= 0.5)
+    tied = np.isfinite(np.asarray(truncate(jnp.log(jnp.asarray([[0.1, 0.295, 0.295, 0.31]])), 0, 0.5)))
+    assert tied.tolist() == [[False, True, True, True]]
+
+
 def test_stop_tokens_and_repetition_truncation(model):
     greedy = generate(model, PROMPTS, SamplingParams(greedy=True, max_new_tokens=10))
     stop = int(greedy.tokens[0, 3])

@@ -55,22 +55,35 @@ class Sample(NamedTuple):
 
 
 def truncate(scaled, top_k: int, top_p: float):
-    """Mask (to -inf) all but the top-k tokens and the smallest set whose probability reaches top_p."""
-    if top_k <= 0 and top_p >= 1.0:
-        return scaled
+    """Mask (to -inf) all but the top-k tokens and the smallest set whose probability reaches top_p.
+
+    Sort-free (a sort over the vocabulary is the slowest op of a CPU decode step): a token is kept
+    by top-p iff the tokens strictly more likely than it hold less than ``top_p`` of the mass —
+    the definition of the sorted-cumsum rule — and that holds exactly for the probabilities at or
+    above a threshold, found by bisecting over the float32 bit patterns (31 masked sums). Tied
+    tokens are kept or dropped together, independent of their order in the vocabulary.
+    """
     vocab = scaled.shape[-1]
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    keep = jnp.ones_like(sorted_logits, bool)
-    if top_k > 0:
-        keep &= jnp.arange(vocab) < top_k
-    if top_p < 1.0:
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        keep &= before < top_p  # the first token is always kept
-    masked_sorted = jnp.where(keep, sorted_logits, -jnp.inf)
-    inverse = jnp.argsort(order, axis=-1)
-    return jnp.take_along_axis(masked_sorted, inverse, axis=-1)
+    if 0 < top_k < vocab:
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    if top_p >= 1.0:
+        return scaled
+    probs = jax.nn.softmax(scaled, axis=-1)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # ordered like the probabilities (all >= 0)
+
+    def mass_above(b):  # [B, 1] bit pattern -> [B, 1] probability mass strictly above it
+        return jnp.sum(jnp.where(bits > b, probs, 0.0), axis=-1, keepdims=True)
+
+    def halve(_, bounds):  # invariant: mass_above(lo) >= top_p > mass_above(hi)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        below = mass_above(mid) < top_p
+        return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+    hi = jnp.max(bits, axis=-1, keepdims=True)
+    _, hi = jax.lax.fori_loop(0, 31, halve, (jnp.full_like(hi, -1), hi), unroll=True)
+    return jnp.where(bits >= hi, scaled, -jnp.inf)
 
 
 def sample(logits, key, params: SamplingParams) -> Sample:
