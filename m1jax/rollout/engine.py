@@ -91,6 +91,9 @@ def prefill(graphdef, state, ids, mask, max_new: int, chunk: int, kv_dtype: str 
     model's compute dtype). Returns (last logits, cache, n_real, routing)."""
     b, p = ids.shape
     cache = nnx.merge(graphdef, state).init_cache(b, p + max_new, kv_dtype and jnp.dtype(kv_dtype))
+    # A fresh cache is a compile-time constant; without the barrier XLA constant-folds the attention
+    # scores of the first chunk against it (tens of seconds of compile time for a long prompt).
+    cache = jax.lax.optimization_barrier(cache)
     last, cache, routing = _prefill(graphdef, state, ids, mask, cache, chunk)
     return last, cache, mask.sum(axis=1).astype(jnp.int32), routing
 
