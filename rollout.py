@@ -100,7 +100,7 @@ def load_model(checkpoint: str | None, config):
     checkpoint) a randomly initialized model of ``config.model``."""
     from flax import nnx
 
-    from m1jax import hf, runs, storage
+    from m1jax import runs, storage
     from m1jax.configs import model_config
     from m1jax.model import MiniMaxM1
 
@@ -111,7 +111,7 @@ def load_model(checkpoint: str | None, config):
         model, step = runs.restore_model(checkpoint)
         print(f"restored step {step} of the train.py run {checkpoint}", file=sys.stderr)
         return model
-    return hf.load(checkpoint)
+    return runs.load_model(checkpoint)  # a MiniMax checkpoint directory
 
 
 def main(argv):

@@ -23,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/arith", "output directory (check
 def main(argv):
     del argv
     import dataclasses
+    import functools
 
     from absl import logging
 
@@ -82,7 +83,7 @@ def main(argv):
         raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens: "
                          f"set --config.model.vocab_size={tok.vocab_size}.")
     width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
-    reward_fn = curriculum.reward if curriculum else rewards.get(rl.reward)  # unknown names fail here
+    reward_fn = None if curriculum else rewards.get(rl.reward)  # unknown names fail here
     if config.get("length") is not None:
         from m1jax.envs.length import LengthSchedule
 
@@ -145,8 +146,8 @@ def main(argv):
 
     def score(probs, r, g):
         """Rewards of the g samples of each problem (rows i*g ... i*g+g-1); failures print and score 0."""
-        report = rewards.score_all(
-            reward_fn, [tok.decode(p.prompt_ids) for p in probs for _ in range(g)],
+        report = (curriculum.score_all if curriculum else functools.partial(rewards.score_all, reward_fn))(
+            [tok.decode(p.prompt_ids) for p in probs for _ in range(g)],
             [completion_text(tok, r.tokens[i, :r.lengths[i]]) for i in range(len(probs) * g)],
             [p.answer for p in probs for _ in range(g)], rl.reward_timeout_s)
         for msg in report.messages[:3]:

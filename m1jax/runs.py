@@ -11,6 +11,7 @@ alone in the same layout (for notebooks and scripts; train.py also saves optimiz
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import ml_collections
@@ -87,6 +88,18 @@ def restore_model(workdir: str, *, step: int | None = None, mesh: Mesh | None = 
     nnx.replace_by_pure_dict(state, restored)
     mgr.close()
     return nnx.merge(graphdef, state), step
+
+
+def load_model(path: str, **hf_overrides) -> MiniMaxM1:
+    """The model at ``path``: the latest checkpoint of a train.py run (local or gs://), or a
+    transformers/original MiniMax checkpoint directory (``m1jax.hf.load``)."""
+    if storage.is_remote(path) or is_run_dir(path):
+        return restore_model(path)[0]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is neither a train.py run directory nor a MiniMax checkpoint directory.")
+    from m1jax import hf
+
+    return hf.load(path, **hf_overrides)
 
 
 def save_model(workdir: str, model: MiniMaxM1, step: int) -> None:

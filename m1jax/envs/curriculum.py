@@ -173,6 +173,35 @@ class Curriculum:
         score = self.envs[ref["env"]].score(completion, ref["reference"])
         return score.correct if ref["strict"] else score.reward
 
+    def score_all(self, prompts, completions, references, timeout_s: float = 5.0):
+        """``rewards.score_all`` over a curriculum's samples: rule-based rows one call each (with the
+        timeout), and the rows of each environment that judges in batches (``score_batch``, e.g.
+        genrm) in one call. A batch that raises scores its rows 0, counted as errors."""
+        from m1jax.data import rewards
+
+        refs = [json.loads(r) for r in references]
+        batched = {n for n, e in self.envs.items() if hasattr(e, "score_batch")}
+        single = [i for i, r in enumerate(refs) if r["env"] not in batched]
+        sub = rewards.score_all(self.reward, [prompts[i] for i in single], [completions[i] for i in single],
+                                [references[i] for i in single], timeout_s)
+        scores = [0.0] * len(refs)
+        for i, x in zip(single, sub.scores):
+            scores[i] = x
+        for name in sorted(batched):
+            rows = [i for i, r in enumerate(refs) if r["env"] == name]
+            if not rows:
+                continue
+            try:
+                got = self.envs[name].score_batch([completions[i] for i in rows], [refs[i]["reference"] for i in rows])
+            except Exception as e:  # noqa: BLE001 -- a failing judge must not stop training
+                sub.errors += len(rows)
+                sub.messages.append(f"environment {name!r}: {type(e).__name__}: {e}")
+                continue
+            for i, s in zip(rows, got):
+                scores[i] = s.correct if refs[i]["strict"] else s.reward
+        sub.scores = scores
+        return sub
+
     def weights(self, step: int) -> dict[str, float]:
         return {f"curriculum/weight/{n}": float(w) for n, w in zip(self.names, self.schedule(step))}
 

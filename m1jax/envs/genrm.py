@@ -11,6 +11,13 @@ r"""Generative reward model (MiniMax-M1 §4.2): a model judges a response agains
 A judge is any ``fn(list of judge prompts) -> list of verdict texts``; ``ModelJudge`` is one backed
 by an m1jax model sampled with the rollout engine (``m1jax.rollout.generate``).
 
+``GenRMEnv`` (registered as ``genrm``) makes this a reward source of train.py: general tasks from a
+JSONL file (``prompt``, ``reference``, optional ``solution``) whose completions a judge checkpoint (a
+train.py run, local or gs://, or a MiniMax checkpoint directory) scores, all of a step's samples in
+one batched call (``Curriculum.score_all``)::
+
+    curriculum.envs.qa = dict(env="genrm", args=dict(data="qa.jsonl", judge="runs/judge", mode="grade"))
+
 ``LengthBiasMonitor`` watches for reward hacking by length (§4.2): per RL step it logs the
 correlation between reward and response length and raises a flag when, over a window of steps,
 reward and length grow together while task success does not.
@@ -22,7 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from m1jax.envs.base import extract_boxed
+from m1jax.envs.base import Environment, Example, Score, extract_boxed, register_env
 
 Judge = Callable[[list[str]], list[str]]
 
@@ -70,26 +77,122 @@ def grade(judge: Judge, questions: Sequence[str], responses: Sequence[str], refe
 
 
 class ModelJudge:
-    """A judge backed by an m1jax model: greedy completions of the judge prompts (rollout engine)."""
+    """A judge backed by an m1jax model: greedy completions of the judge prompts (rollout engine).
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 64, batch_size: int = 16):
+    With ``prompt_width``, every call samples [batch_size, prompt_width] left-padded prompts (one
+    compiled shape for a whole training run). A prompt longer than that, or with characters the
+    judge's tokenizer cannot encode, gets the verdict "" (the scorers count it unreadable: grade 1,
+    no preference) instead of failing the batch.
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 64, batch_size: int = 16,
+                 prompt_width: int | None = None):
         from m1jax.rollout import SamplingParams
 
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size, self.prompt_width = model, tokenizer, batch_size, prompt_width
         self.params = SamplingParams(greedy=True, max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_id,))
+        self.rejected = 0  # prompts answered "" (longer than prompt_width, or not encodable)
 
     def __call__(self, prompts: list[str]) -> list[str]:
         import jax
 
         from m1jax.data.problem import completion_text, prompt_ids
-        from m1jax.rollout import generate
+        from m1jax.rollout import generate, left_pad
 
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            ids = [prompt_ids(self.tokenizer, p) for p in prompts[i:i + self.batch_size]]
-            r = jax.device_get(generate(self.model, ids, self.params))
-            out += [completion_text(self.tokenizer, r.tokens[j, :r.lengths[j]]) for j in range(len(ids))]
-        return out
+        def encode(p):  # characters the judge's tokenizer lacks (e.g. the "…" of a cut completion)
+            try:
+                return prompt_ids(self.tokenizer, p)
+            except ValueError:
+                return None
+
+        ids = [encode(p) for p in prompts]
+        fits = [x is not None and (self.prompt_width is None or len(x) <= self.prompt_width) for x in ids]
+        self.rejected += fits.count(False)
+        todo = [x for x, ok in zip(ids, fits) if ok]
+        texts = []
+        for i in range(0, len(todo), self.batch_size):
+            rows = todo[i:i + self.batch_size]
+            if self.prompt_width is None:
+                r = jax.device_get(generate(self.model, rows, self.params))
+            else:
+                rows_ids, mask = left_pad(rows + [[self.tokenizer.pad_id]] * (self.batch_size - len(rows)),
+                                          self.tokenizer.pad_id)
+                pad = ((0, 0), (self.prompt_width - rows_ids.shape[1], 0))
+                r = jax.device_get(generate(self.model, np.pad(rows_ids, pad, constant_values=self.tokenizer.pad_id),
+                                            self.params, prompt_mask=np.pad(mask, pad)))
+            texts += [completion_text(self.tokenizer, r.tokens[j, :r.lengths[j]]) for j in range(len(rows))]
+        it = iter(texts)
+        return [next(it) if ok else "" for ok in fits]
+
+
+@register_env("genrm")
+class GenRMEnv(Environment):
+    """General tasks scored by a generative reward model (MiniMax-M1 §4.2).
+
+    data: JSONL, one ``{"prompt": ..., "reference": ...}`` per line (``solution``, a known-good
+    completion, is optional and only needed for SFT warm starts). judge: a train.py run directory
+    (local or gs://) or a MiniMax checkpoint directory. mode: "grade" (reward = the mean of two 1-5
+    grades mapped to [0, 1]) or "pairwise" (the {-1, 0, 1} preference over the reference mapped to
+    {0, 0.5, 1}). judge_tokenizer: a tokenizer spec (default: the judge directory's tokenizer.json).
+    There is no format bonus: the judge's verdict is the whole reward.
+    """
+
+    format_weight = 0.0
+
+    def __init__(self, data: str, judge: str, mode: str = "grade", judge_tokenizer: str | None = None,
+                 judge_max_new_tokens: int = 16, judge_max_prompt_tokens: int = 1024, judge_batch_size: int = 16):
+        import json
+
+        from m1jax import runs, storage
+        from m1jax import tokenizer as tokenizers
+
+        if mode not in ("grade", "pairwise"):
+            raise ValueError(f"genrm mode={mode!r}: use 'grade' or 'pairwise'.")
+        if not storage.exists(data):
+            raise FileNotFoundError(f"genrm data={data!r}: no such JSONL file.")
+        self.rows = []
+        for n, line in enumerate(storage.read_text(data).splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or not {"prompt", "reference"} <= set(row):
+                    raise ValueError(f"genrm data {data}:{n}: each line needs 'prompt' and 'reference' ({line[:80]!r}).")
+                self.rows.append(row)
+        if not self.rows:
+            raise ValueError(f"genrm data={data!r} has no examples.")
+        if judge_tokenizer is None:
+            if storage.is_remote(judge) or not storage.exists(storage.join(judge, "tokenizer.json")):
+                raise ValueError(f"genrm judge={judge!r} has no tokenizer.json: give judge_tokenizer=<spec>.")
+            judge_tokenizer = storage.join(judge, "tokenizer.json")
+        self.mode = mode
+        self.judge = ModelJudge(runs.load_model(judge), tokenizers.load(judge_tokenizer), judge_max_new_tokens,
+                                judge_batch_size, judge_max_prompt_tokens)
+
+    def make_example(self, rng):
+        import json
+
+        row = self.rows[int(rng.integers(len(self.rows)))]
+        # the reference carries the question: the judge needs both, verify() gets only the reference
+        return Example(row["prompt"], json.dumps({"question": row["prompt"], "answer": row["reference"]}),
+                       solution=row.get("solution"))
+
+    def score_batch(self, completions: Sequence[str], references: Sequence[str]) -> list[Score]:
+        """Judge all completions in one batched call (2 judge prompts each, positions swapped)."""
+        import json
+
+        refs = [json.loads(r) for r in references]
+        args = ([r["question"] for r in refs], list(completions), [r["answer"] for r in refs])
+        if self.mode == "grade":
+            correct, _ = grade(self.judge, *args)
+        else:
+            prefs, _ = pairwise(self.judge, *args)
+            correct = [(p + 1) / 2 for p in prefs]
+        return [Score(float(c), 0.0, float(c)) for c in correct]
+
+    def verify(self, completion: str, reference: str) -> float:
+        return self.score_batch([completion], [reference])[0].correct
+
+    def format_ok(self, completion: str) -> bool:
+        return False
 
 
 class LengthBiasMonitor:
