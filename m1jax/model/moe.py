@@ -163,10 +163,10 @@ class MoE(nnx.Module):
         xf = x.reshape(b * t, d)
         logits = jnp.dot(xf.astype(F32), self.router[...], precision=HIGHEST)
         weights, ids, probs = route(logits, cfg.num_experts_per_tok)
-        impl = cfg.moe_impl
-        if impl == "auto":
-            impl = "dense" if jax.default_backend() == "cpu" else "grouped"
-        y = (expert_mlp_dense if impl == "dense" else expert_mlp)(xf, ids, weights, w1, w3, w2)
+        if cfg.moe_impl == "auto":  # chosen when lowering, for the platform compiled for (AOT included)
+            y = jax.lax.platform_dependent(xf, ids, weights, w1, w3, w2, cpu=expert_mlp_dense, default=expert_mlp)
+        else:
+            y = (expert_mlp_dense if cfg.moe_impl == "dense" else expert_mlp)(xf, ids, weights, w1, w3, w2)
         stats = _router_stats(probs, ids, row_mask.reshape(-1), cfg.num_experts)
         return y.astype(dt).reshape(b, t, d), stats
 
