@@ -118,7 +118,7 @@ def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool, ca
 
     if remat:
         body = jax.checkpoint(body)
-    x, (stats, cache) = jax.lax.scan(body, x, (params, decay_rates, cache), unroll=cache is not None)
+    x, (stats, cache) = jax.lax.scan(body, x, (params, decay_rates, cache))
     return x, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stats), cache  # stats: [repeats*period, ...]
 
 
