@@ -89,4 +89,9 @@ def _softmax_attention(q, parts, sqrt_d):
     top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
     weights = [jnp.exp(s - top) for s in scores]
     total = sum(w.sum(-1, keepdims=True) for w in weights)
-    return sum(mix(w / total, values) for w, (_, values, _) in zip(weights, parts))
+    if q.shape[1] == 1:
+        return sum(mix(w / total, values) for w, (_, values, _) in zip(weights, parts))
+    # normalize the [T, d] output, not the [T, S] weights: one pass less over the largest array
+    out = sum(jnp.einsum("bkgts,bksd->btkgd", w.astype(dt), values.astype(dt), preferred_element_type=F32)
+              for w, (_, values, _) in zip(weights, parts))
+    return (out / total[..., 0].transpose(0, 3, 1, 2)[..., None]).astype(dt)
