@@ -81,17 +81,15 @@ def _softmax_attention(q, parts, sqrt_d):
         dot = lambda keys: jnp.sum(  # noqa: E731
             q[:, 0, :, :, None, None, :].astype(F32) * keys[:, :, None, None].astype(F32), axis=-1)
         mix = lambda w, values: jnp.sum(  # noqa: E731
-            w[..., None] * values[:, :, None, None].astype(F32), axis=-2).astype(dt).transpose(0, 3, 1, 2, 4)
+            w[..., None] * values[:, :, None, None].astype(F32), axis=-2).transpose(0, 3, 1, 2, 4)
     else:
         dot = lambda keys: jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(dt), preferred_element_type=F32)  # noqa: E731
-        mix = lambda w, values: jnp.einsum("bkgts,bksd->btkgd", w.astype(dt), values.astype(dt))  # noqa: E731
+        mix = lambda w, values: jnp.einsum(  # noqa: E731
+            "bkgts,bksd->btkgd", w.astype(dt), values.astype(dt), preferred_element_type=F32)
     scores = [jnp.where(ok, dot(keys) / sqrt_d, jnp.finfo(F32).min) for keys, _, ok in parts]
     top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
-    weights = [jnp.exp(s - top) for s in scores]
-    total = sum(w.sum(-1, keepdims=True) for w in weights)
-    if q.shape[1] == 1:
-        return sum(mix(w / total, values) for w, (_, values, _) in zip(weights, parts))
+    weights = [jnp.exp(s - top) for s in scores]  # <= 1: safe in a bf16 product
+    total = sum(w.sum(-1, keepdims=True) for w in weights)  # [B, KV, G, T, 1]
     # normalize the [T, d] output, not the [T, S] weights: one pass less over the largest array
-    out = sum(jnp.einsum("bkgts,bksd->btkgd", w.astype(dt), values.astype(dt), preferred_element_type=F32)
-              for w, (_, values, _) in zip(weights, parts))
-    return (out / total[..., 0].transpose(0, 3, 1, 2)[..., None]).astype(dt)
+    out = sum(mix(w, values) for w, (_, values, _) in zip(weights, parts))  # [B, T, KV, G, d] float32
+    return (out / total.transpose(0, 3, 1, 2, 4)).astype(dt)
