@@ -1,5 +1,6 @@
 """Rollout engine: cache correctness, greedy equivalences, transformers generate(), log-probs."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,6 +194,25 @@ def test_chunked_prefill_equals_one_prefill(model):
     chunked = generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=6), prefill_chunk=5)
     np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(chunked.tokens))
     np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(chunked.logprobs), atol=1e-4)
+
+
+def test_prefill_chunks_read_the_cache_in_key_blocks():
+    """Prefill chunks attend to the cache in key blocks of attention_chunk columns, stopping after
+    the last filled one. Every chunk's logits equal one forward over each unpadded prompt."""
+    m = MiniMaxM1(dataclasses.replace(CFG, attention_chunk=4), rngs=nnx.Rngs(0))
+    ids, mask = left_pad([list(range(3, 26)), list(range(30, 41))])  # 23 and 11 tokens: 12 pads in row 1
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    cache = m.init_cache(2, ids.shape[1])  # 23 columns
+    outs = []
+    # the last chunk reads 21 filled columns in blocks at 0, 4, ..., 16 and 19 (the last block overlaps
+    # the one before: its column 19 must not count twice)
+    for a, e in ((0, 9), (9, 21), (21, 23)):
+        logits, cache = m.forward_with_cache(jnp.asarray(ids[:, a:e]), cache, a, jnp.asarray(mask[:, a:e]),
+                                             jnp.asarray(pos[:, a:e]))
+        outs.append(np.asarray(logits))
+    got = np.concatenate(outs, axis=1)
+    np.testing.assert_allclose(got[0], np.asarray(m(jnp.asarray(ids[:1])))[0], atol=1e-4)
+    np.testing.assert_allclose(got[1, 12:], np.asarray(m(jnp.asarray(ids[1:, 12:])))[0], atol=1e-4)
 
 
 def test_routing_record_matches_a_full_forward(model):

@@ -51,6 +51,9 @@ class Attention(nnx.Module):
         def attend(q_rows, rows):
             """Queries at rows (positions within the new tokens) over the cache and the new tokens."""
             causal = (jnp.arange(t)[None, :] <= rows[:, None])[None, None, None] & key_ok[:, None, None, None, :]
+            if kv_cache is not None and t > 1:  # prefill: only the cache's filled columns, in key blocks
+                return _cached_attention(q_rows, *kv_cache, key_valid > 0, (k, v, causal), math.sqrt(d),
+                                         cfg.attention_chunk)
             parts = [(k, v, causal)]
             if kv_cache is not None:
                 parts.insert(0, (*kv_cache, (key_valid > 0)[:, None, None, None, :]))
@@ -93,3 +96,40 @@ def _softmax_attention(q, parts, sqrt_d):
     # normalize the [T, d] output, not the [T, S] weights: one pass less over the largest array
     out = sum(mix(w, values) for w, (_, values, _) in zip(weights, parts))  # [B, T, KV, G, d] float32
     return (out / total.transpose(0, 3, 1, 2, 4)).astype(dt)
+
+
+def _cached_attention(q, cache_k, cache_v, valid, new, sqrt_d, block: int):
+    """softmax attention of q over the cache columns that ``valid`` [B, max_len] marks and the new
+    tokens' part ``new`` = (keys, values, allowed), with an online softmax over key blocks of the
+    cache that stops after the last valid column: a prefill chunk reads the columns filled so far,
+    not all max_len (a dynamic trip count; inference only: fori_loop has no reverse-mode rule).
+
+    Equal to ``_softmax_attention`` with the cache as one more part, up to summation order.
+    """
+    dt, (b, t, kv, g, d), max_len = q.dtype, q.shape, cache_k.shape[2]
+    block = min(block or max_len, max_len)
+    dot = lambda keys: jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(dt), preferred_element_type=F32)  # noqa: E731
+    mix = lambda w, values: jnp.einsum(  # noqa: E731
+        "bkgts,bksd->btkgd", w.astype(dt), values.astype(dt), preferred_element_type=F32)
+    low = jnp.finfo(F32).min
+    to_out = lambda x: x.transpose(0, 3, 1, 2, 4)  # noqa: E731 -- [B, KV, G, T, 1] -> [B, T, KV, G, 1]
+
+    def add(carry, scores, values):  # fold one block of (masked) scores into (max, sum, output)
+        m, l, acc = carry
+        m_new = jnp.maximum(m, scores.max(-1, keepdims=True))
+        w, scale = jnp.exp(scores - m_new), jnp.exp(m - m_new)  # masked-only so far: wiped by a later scale of 0
+        return m_new, l * scale + w.sum(-1, keepdims=True), acc * to_out(scale) + mix(w, values)
+
+    def body(j, carry):
+        start = jnp.minimum(j * block, max_len - block)  # the last block may overlap the one before:
+        cols = start + jnp.arange(block)  # its columns before j * block are masked, so none counts twice
+        ok = jax.lax.dynamic_slice_in_dim(valid, start, block, axis=1) & (cols >= j * block)
+        keys, values = (jax.lax.dynamic_slice_in_dim(c, start, block, axis=2) for c in (cache_k, cache_v))
+        return add(carry, jnp.where(ok[:, None, None, None], dot(keys) / sqrt_d, low), values)
+
+    filled = jnp.max(jnp.where(valid, jnp.arange(max_len) + 1, 0))  # columns up to the last valid one
+    init = (jnp.full((b, kv, g, t, 1), low, F32), jnp.zeros((b, kv, g, t, 1), F32), jnp.zeros((b, t, kv, g, d), F32))
+    carry = jax.lax.fori_loop(0, (filled + block - 1) // block, body, init)
+    keys, values, allowed = new
+    m, l, acc = add(carry, jnp.where(allowed, dot(keys) / sqrt_d, low), values)
+    return (acc / to_out(l)).astype(dt)
