@@ -25,6 +25,7 @@ reward and length grow together while task success does not.
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Sequence
 
 import numpy as np
@@ -141,8 +142,6 @@ class GenRMEnv(Environment):
 
     def __init__(self, data: str, judge: str, mode: str = "grade", judge_tokenizer: str | None = None,
                  judge_max_new_tokens: int = 16, judge_max_prompt_tokens: int = 1024, judge_batch_size: int = 16):
-        import json
-
         from m1jax import runs, storage
         from m1jax import tokenizer as tokenizers
 
@@ -168,8 +167,6 @@ class GenRMEnv(Environment):
                                 judge_batch_size, judge_max_prompt_tokens)
 
     def make_example(self, rng):
-        import json
-
         row = self.rows[int(rng.integers(len(self.rows)))]
         # the reference carries the question: the judge needs both, verify() gets only the reference
         return Example(row["prompt"], json.dumps({"question": row["prompt"], "answer": row["reference"]}),
@@ -177,8 +174,6 @@ class GenRMEnv(Environment):
 
     def score_batch(self, completions: Sequence[str], references: Sequence[str]) -> list[Score]:
         """Judge all completions in one batched call (2 judge prompts each, positions swapped)."""
-        import json
-
         refs = [json.loads(r) for r in references]
         args = ([r["question"] for r in refs], list(completions), [r["answer"] for r in refs])
         if self.mode == "grade":

@@ -73,6 +73,17 @@ class Attention(nnx.Module):
         return out, (None if kv_cache is None else (k, v))
 
 
+def _dot(q, keys):
+    """Scores of many queries q [B, T, KV, G, d] against keys [B, KV, S, d]: [B, KV, G, T, S] float32."""
+    return jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(q.dtype), preferred_element_type=F32)
+
+
+def _mix(w, values, dt):
+    """Unnormalized softmax weights [B, KV, G, T, S] times values [B, KV, S, d], multiplied in the
+    compute dtype ``dt`` and summed in float32: [B, T, KV, G, d] float32."""
+    return jnp.einsum("bkgts,bksd->btkgd", w.astype(dt), values.astype(dt), preferred_element_type=F32)
+
+
 def _softmax_attention(q, parts, sqrt_d):
     """softmax(q . keys / sqrt_d) . values over the keys of several (keys, values, allowed) parts.
 
@@ -86,9 +97,7 @@ def _softmax_attention(q, parts, sqrt_d):
         mix = lambda w, values: jnp.sum(  # noqa: E731
             w[..., None] * values[:, :, None, None].astype(F32), axis=-2).transpose(0, 3, 1, 2, 4)
     else:
-        dot = lambda keys: jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(dt), preferred_element_type=F32)  # noqa: E731
-        mix = lambda w, values: jnp.einsum(  # noqa: E731
-            "bkgts,bksd->btkgd", w.astype(dt), values.astype(dt), preferred_element_type=F32)
+        dot, mix = functools.partial(_dot, q), functools.partial(_mix, dt=dt)
     scores = [jnp.where(ok, dot(keys) / sqrt_d, jnp.finfo(F32).min) for keys, _, ok in parts]
     top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
     weights = [jnp.exp(s - top) for s in scores]  # <= 1: safe in a bf16 product
@@ -108,9 +117,7 @@ def _cached_attention(q, cache_k, cache_v, valid, new, sqrt_d, block: int):
     """
     dt, (b, t, kv, g, d), max_len = q.dtype, q.shape, cache_k.shape[2]
     block = min(block or max_len, max_len)
-    dot = lambda keys: jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(dt), preferred_element_type=F32)  # noqa: E731
-    mix = lambda w, values: jnp.einsum(  # noqa: E731
-        "bkgts,bksd->btkgd", w.astype(dt), values.astype(dt), preferred_element_type=F32)
+    dot, mix = functools.partial(_dot, q), functools.partial(_mix, dt=dt)
     low = jnp.finfo(F32).min
     to_out = lambda x: x.transpose(0, 3, 1, 2, 4)  # noqa: E731 -- [B, KV, G, T, 1] -> [B, T, KV, G, 1]
 
