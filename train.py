@@ -83,7 +83,8 @@ def main(argv):
         raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens: "
                          f"set --config.model.vocab_size={tok.vocab_size}.")
     width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
-    reward_fn = None if curriculum else rewards.get(rl.reward)  # unknown names fail here
+    # fn(prompts, completions, references, timeout_s) -> ScoreReport; unknown reward names fail here
+    score_all = curriculum.score_all if curriculum else functools.partial(rewards.score_all, rewards.get(rl.reward))
     if config.get("length") is not None:
         from m1jax.envs.length import LengthSchedule
 
@@ -146,7 +147,7 @@ def main(argv):
 
     def score(probs, r, g):
         """Rewards of the g samples of each problem (rows i*g ... i*g+g-1); failures print and score 0."""
-        report = (curriculum.score_all if curriculum else functools.partial(rewards.score_all, reward_fn))(
+        report = score_all(
             [tok.decode(p.prompt_ids) for p in probs for _ in range(g)],
             [completion_text(tok, r.tokens[i, :r.lengths[i]]) for i in range(len(probs) * g)],
             [p.answer for p in probs for _ in range(g)], rl.reward_timeout_s)
