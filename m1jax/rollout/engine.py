@@ -78,6 +78,18 @@ def _prefill(graphdef, state, ids, mask, cache, chunk: int):
     return last[-1], cache, routing
 
 
+def _single_repeats(cache, repeats: int, squeeze: bool):
+    """Drop (squeeze) or restore the leading repeats axis of the cache stacks that have just one
+    repeat (the tail block; all blocks when the pattern repeats once). Inside a loop, a state
+    carried as [1, ...] but updated as [...] cannot be updated in place: XLA copies it every step."""
+    f = (lambda x: x[0]) if squeeze else (lambda x: x[None])  # noqa: E731
+    out = dict(cache)
+    for name in ("blocks", "tail"):
+        if cache[name] is not None and (name == "tail" or repeats == 1):
+            out[name] = jax.tree.map(f, cache[name])
+    return out
+
+
 # XLA:CPU's default copy insertion copies every loop-carried buffer that is both read and updated
 # in place (here: each KV cache, every decode step — the whole cache). Its region analysis proves
 # the reads happen first and drops the copies; backends other than CPU ignore this option.
@@ -108,6 +120,8 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
     if num_samples > 1:
         cache, last, n_real = _fork(cache, num_samples), jnp.repeat(last, num_samples, 0), jnp.repeat(n_real, num_samples)
     n = last.shape[0]
+    repeats = nnx.merge(graphdef, state).cfg.pattern[1]
+    cache = _single_repeats(cache, repeats, squeeze=True)
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     f32 = jnp.zeros((n, max_new), jnp.float32)
     init = dict(
@@ -137,14 +151,14 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
         reason = jnp.where(active, reason, c["reason"])
         # NNX modules must be built in the trace that uses them: merge inside the loop body.
         logits, cache, routing = nnx.merge(graphdef, state).forward_with_cache(
-            tok[:, None], c["cache"], p + step, None, (n_real + step)[:, None], return_routing=True
+            tok[:, None], _single_repeats(c["cache"], repeats, squeeze=False), p + step, None, (n_real + step)[:, None], return_routing=True
         )
         extra = {}
         if record_routing:  # the routing of the token just fed (the one sampled at this step)
             ids = jnp.where(active[:, None, None], routing.transpose(1, 0, 2), 0)
             extra["routing"] = c["routing"].at[:, step].set(ids)
         return dict(**extra,
-            step=step + 1, cache=cache, last=logits[:, 0], key=key, done=reason != RUNNING, reason=reason,
+            step=step + 1, cache=_single_repeats(cache, repeats, squeeze=True), last=logits[:, 0], key=key, done=reason != RUNNING, reason=reason,
             run=run, lengths=c["lengths"] + active, tokens=put(c["tokens"], tok),
             logprobs=put(c["logprobs"], s.logprob), logprobs_truncated=put(c["logprobs_truncated"], s.logprob_truncated),
         )
