@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,7 @@ def small_config(**kw):
         {"num_heads": 6, "num_kv_heads": 3, "decay_convention": "original"},  # ALiBi-interpolated slopes
         {"num_heads": 6, "num_kv_heads": 2, "decay_convention": "hf", "rotary_dim": 8},
         {"layer_types": (LIN, FULL) * 3 + (LIN,), "num_layers": 7},  # scanned repeats plus a tail
-        {"moe_impl": "grouped"},  # sorted rows + ragged_dot (the default on CPU is "dense")
+        {"moe_impl": "grouped"},  # sorted rows + ragged_dot (the default on CPU is slots or dense)
     ],
     ids=["base", "prenorm", "alibi6", "hf6", "tail", "grouped-moe"],
 )
@@ -99,9 +101,10 @@ def test_tiny_config_builds():
 
 
 def test_moe_impls_agree_in_values_and_gradients():
-    """Dense (every expert on every token) and grouped (sorted rows, ragged_dot) experts compute
-    the same function: values and all input/weight/routing-weight gradients, under skewed routing."""
-    from m1jax.model.moe import expert_mlp, expert_mlp_dense
+    """Dense (every expert on every token), slots (fixed rows per expert) and grouped (sorted
+    rows, ragged_dot) experts compute the same function: values and all input/weight/routing-weight
+    gradients, under skewed routing (which makes the CPU experts fall back to dense)."""
+    from m1jax.model.moe import expert_mlp, expert_mlp_cpu, expert_mlp_dense, expert_mlp_slots
 
     n, d, inner, e, k = 40, 16, 24, 5, 2
     ks = jax.random.split(jax.random.key(0), 6)
@@ -117,10 +120,34 @@ def test_moe_impls_agree_in_values_and_gradients():
         y, pull = jax.vjp(lambda x, wt, a, b, c: fn(x, ids, wt, a, b, c), x, weights, w1, w3, w2)
         return y, pull(cot)
 
-    (y_dense, g_dense), (y_grouped, g_grouped) = vjp(expert_mlp_dense), vjp(expert_mlp)
-    np.testing.assert_allclose(y_dense, y_grouped, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_dense, g_grouped):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=e)
+    assert counts.max() > 24  # the CPU path has 24 slots per expert: it must fall back to dense
+    y_grouped, g_grouped = vjp(expert_mlp)
+    impls = {"dense": expert_mlp_dense, "slots": functools.partial(expert_mlp_slots, capacity=int(counts.max())),
+             "cpu (dense fallback)": expert_mlp_cpu}
+    for name, fn in impls.items():
+        y, g = vjp(fn)
+        np.testing.assert_allclose(y, y_grouped, rtol=1e-5, atol=1e-5, err_msg=name)
+        for a, b in zip(g, g_grouped):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()), err_msg=name)
+
+
+def test_cpu_experts_use_slots_when_the_load_fits():
+    """expert_mlp_cpu computes 1.5x-the-balanced-load slots per expert when every expert's tokens
+    fit: equal to the grouped experts, and its program has no [E, N, I] dense product."""
+    from m1jax.model.moe import expert_mlp, expert_mlp_cpu
+
+    n, d, inner, e, k = 64, 8, 16, 4, 2
+    ks = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(ks[0], (n, d))
+    w1, w3 = (jax.random.normal(kk, (e, d, inner)) / d**0.5 for kk in ks[1:3])
+    w2 = jax.random.normal(ks[3], (e, inner, d)) / inner**0.5
+    ids = jnp.stack([jnp.arange(n) % e, (jnp.arange(n) + 1) % e], axis=1)  # 32 tokens per expert
+    weights = jax.nn.softmax(jax.random.normal(ks[4], (n, k)), axis=-1)
+    np.testing.assert_allclose(expert_mlp_cpu(x, ids, weights, w1, w3, w2), expert_mlp(x, ids, weights, w1, w3, w2),
+                               rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(expert_mlp_cpu).lower(x, ids, weights, w1, w3, w2).as_text()
+    assert f"tensor<{e}x48x{inner}xf32>" in hlo  # slots: 1.5 * 32 = 48 rows per expert
 
 
 @pytest.mark.parametrize(

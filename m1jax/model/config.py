@@ -59,9 +59,11 @@ class ModelConfig:
     moe_capacity_factor: float | None = None
     # Single-device experts: "grouped" (sorted rows, ragged_dot: each row computes only its
     # expert — native on GPU/TPU), "dense" (every expert on every token, combined with the routing
-    # weights), or "auto" = dense when compiled for CPU (jax.lax.platform_dependent), where XLA
-    # lowers ragged_dot to a masked product of each of the tokens*top_k rows with every expert
-    # (top_k times dense's work), grouped elsewhere. Under a mesh: grouped.
+    # weights), or "auto" = grouped on GPU/TPU and, when compiled for CPU (chosen by
+    # jax.lax.platform_dependent), fixed row slots per expert (1.5x the balanced load; dense when
+    # an expert's tokens overflow them or the batch is small): XLA:CPU lowers ragged_dot to a masked
+    # product of each of the tokens*top_k rows with every expert (top_k times dense's work).
+    # Under a mesh: grouped.
     moe_impl: str = "auto"
     # "original": slope layer factor 1 - l/(L-1) + 1e-5 and ALiBi slope interpolation for
     # non-power-of-two heads (MiniMax remote code, vLLM); "hf": transformers' variant.
