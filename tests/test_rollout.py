@@ -110,8 +110,19 @@ def test_bfloat16_kv_cache(model):
     got, want, unrounded = (np.asarray(step(model, tok, c, ids.shape[1], n_real[:, None])) for c in (c16, rounded, c32))
     np.testing.assert_allclose(got, want, atol=1e-5 * want.std())
     assert np.abs(got - unrounded).max() > 1e-3 * want.std()
+    # The decode loop carries bf16 caches as uint16 bit patterns: its greedy tokens and log-probs
+    # equal steps taken one at a time on the bf16 cache.
     r = generate(model, PROMPTS, SamplingParams(greedy=True, max_new_tokens=6), kv_dtype="bfloat16")
     assert (np.asarray(r.lengths) == 6).all()
+    last, cache, n_real, _ = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), 6, ids.shape[1], "bfloat16")
+    step_cache = jax.jit(lambda m, tok, c, i, ps: m.forward_with_cache(tok, c, i, None, ps))
+    for i in range(6):
+        logp = jax.nn.log_softmax(last)
+        tok = jnp.argmax(last, axis=-1)
+        np.testing.assert_array_equal(r.tokens[:, i], tok)
+        np.testing.assert_allclose(r.logprobs[:, i], logp[jnp.arange(len(tok)), tok], atol=1e-5)
+        logits, cache = step_cache(model, tok[:, None], cache, ids.shape[1] + i, (n_real + i)[:, None])
+        last = logits[:, 0]
 
 
 def test_top_p_top_k_truncation_and_truncated_logprobs():

@@ -78,15 +78,30 @@ def _prefill(graphdef, state, ids, mask, cache, chunk: int):
     return last[-1], cache, routing
 
 
-def _single_repeats(cache, repeats: int, squeeze: bool):
-    """Drop (squeeze) or restore the leading repeats axis of the cache stacks that have just one
-    repeat (the tail block; all blocks when the pattern repeats once). Inside a loop, a state
-    carried as [1, ...] but updated as [...] cannot be updated in place: XLA copies it every step."""
-    f = (lambda x: x[0]) if squeeze else (lambda x: x[None])  # noqa: E731
+def _loop_layout(cache, repeats: int, kv_dtype, into_loop: bool):
+    """The cache as the decode loop carries it (into_loop) or as the model takes it (not into_loop).
+
+    * Stacks with a single repeat (the tail block; all blocks when the pattern repeats once) drop
+      their leading axis: a state carried as [1, ...] but updated as [...] cannot be updated in
+      place, and XLA copied it every step.
+    * 16-bit KV caches (``kv_dtype``) are carried as uint16 bit patterns: XLA:CPU computes a
+      bf16/f16 update-slice in float32, converting (so rewriting) the whole cache every step; the
+      model writes its columns as uint16 too (``_write_columns``), and the bitcasts cancel.
+    """
+    bits = jnp.dtype(kv_dtype).itemsize == 2
+
+    def entry(x, one):
+        if into_loop:
+            x = x[0] if one else x
+            return jax.lax.bitcast_convert_type(x, jnp.uint16) if bits and x.dtype == kv_dtype else x
+        x = jax.lax.bitcast_convert_type(x, kv_dtype) if x.dtype == jnp.uint16 else x
+        return x[None] if one else x
+
     out = dict(cache)
     for name in ("blocks", "tail"):
-        if cache[name] is not None and (name == "tail" or repeats == 1):
-            out[name] = jax.tree.map(f, cache[name])
+        if cache[name] is not None:
+            one = name == "tail" or repeats == 1
+            out[name] = jax.tree.map(lambda x: entry(x, one), cache[name])  # noqa: B023
     return out
 
 
@@ -121,7 +136,8 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
         cache, last, n_real = _fork(cache, num_samples), jnp.repeat(last, num_samples, 0), jnp.repeat(n_real, num_samples)
     n = last.shape[0]
     repeats = nnx.merge(graphdef, state).cfg.pattern[1]
-    cache = _single_repeats(cache, repeats, squeeze=True)
+    kv_dtype = next((e["k"].dtype for e in cache["blocks"] + (cache["tail"] or []) if "k" in e), jnp.float32)
+    cache = _loop_layout(cache, repeats, kv_dtype, into_loop=True)
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     f32 = jnp.zeros((n, max_new), jnp.float32)
     init = dict(
@@ -151,14 +167,14 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
         reason = jnp.where(active, reason, c["reason"])
         # NNX modules must be built in the trace that uses them: merge inside the loop body.
         logits, cache, routing = nnx.merge(graphdef, state).forward_with_cache(
-            tok[:, None], _single_repeats(c["cache"], repeats, squeeze=False), p + step, None, (n_real + step)[:, None], return_routing=True
+            tok[:, None], _loop_layout(c["cache"], repeats, kv_dtype, into_loop=False), p + step, None, (n_real + step)[:, None], return_routing=True
         )
         extra = {}
         if record_routing:  # the routing of the token just fed (the one sampled at this step)
             ids = jnp.where(active[:, None, None], routing.transpose(1, 0, 2), 0)
             extra["routing"] = c["routing"].at[:, step].set(ids)
         return dict(**extra,
-            step=step + 1, cache=_single_repeats(cache, repeats, squeeze=True), last=logits[:, 0], key=key, done=reason != RUNNING, reason=reason,
+            step=step + 1, cache=_loop_layout(cache, repeats, kv_dtype, into_loop=True), last=logits[:, 0], key=key, done=reason != RUNNING, reason=reason,
             run=run, lengths=c["lengths"] + active, tokens=put(c["tokens"], tok),
             logprobs=put(c["logprobs"], s.logprob), logprobs_truncated=put(c["logprobs_truncated"], s.logprob_truncated),
         )
