@@ -89,7 +89,14 @@ def main(argv):
         from m1jax.envs.length import LengthSchedule
 
         windows = LengthSchedule(config.length, task.max_new_tokens)
-    total_steps = config.sft.steps + rl.steps
+    # SFT runs config.sft.steps steps, or stops early at the first held-out evaluation (every
+    # sft.eval_every steps) that reaches sft.stop_at_pass_at_1: RL then starts from a comparable
+    # model whatever the SFT trajectory (tiny models learn addition in a sudden jump whose step
+    # varies by hundreds between seeds, or with the summation order of a kernel).
+    stop_at, eval_every = config.sft.get("stop_at_pass_at_1"), config.sft.get("eval_every", 50)
+    if stop_at is not None and not (0 < stop_at <= 1 and eval_every >= 1):
+        raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every}: the threshold must be "
+                         "in (0, 1] and the interval >= 1 step (or set stop_at_pass_at_1=None to run all sft.steps).")
 
     model = MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed))
     sft_opt = nnx.Optimizer(model, make_optimizer(sft_opt_cfg), wrt=nnx.Param)
@@ -101,7 +108,7 @@ def main(argv):
     # ---------------------------------------------------------------- checkpoints (resume)
     mgr = ocp.CheckpointManager(storage.join(workdir, runs.CHECKPOINTS),
                                 options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep))
-    start, meta = 0, {"eval_before": None}
+    start, meta = 0, {"eval_before": None, "sft_end": None if config.sft.steps else 0}
 
     def pure(x):
         return nnx.to_pure_dict(nnx.state(x))
@@ -122,7 +129,12 @@ def main(argv):
             windows.restore(meta["length"])
         key = jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32))
         start = step
+        if "sft_end" not in meta:  # a checkpoint written before SFT could stop early
+            meta["sft_end"] = config.sft.steps if start >= config.sft.steps else None
         print(f"resumed from checkpoint step {step}", flush=True)
+
+    def total_steps():  # SFT's steps (all of them until it has ended) + RL's
+        return (config.sft.steps if meta["sft_end"] is None else meta["sft_end"]) + rl.steps
 
     def save(step):
         meta.update(sft_data=sft_it.get_state(), rl_data=rl_it.get_state(), length=windows and windows.state(),
@@ -132,7 +144,7 @@ def main(argv):
             rl_opt=ocp.args.StandardSave(pure(rl_opt)), meta=ocp.args.JsonSave(meta)))
 
     # ---------------------------------------------------------------- evaluation
-    bar = ProgressBar(total_steps, start, every=config.log_every)
+    bar = ProgressBar(total_steps(), start, every=config.log_every)
     eval_set = task.eval_set
     greedy = SamplingParams(greedy=True, max_new_tokens=task.max_new_tokens, stop_token_ids=(tok.eos_id,))
     sampling = SamplingParams(temperature=rl.temperature, max_new_tokens=task.max_new_tokens,
@@ -178,22 +190,28 @@ def main(argv):
                 "skipped. Lower the learning rate (sft_optim / rl_optim) or check the data.")
 
     t_start = time.perf_counter()
-    for step in range(start, total_steps):
-        if step < config.sft.steps:  # ------------------------------------------------ SFT
+    step = start
+    while step < total_steps():
+        if meta["sft_end"] is None:  # ------------------------------------------------------ SFT
             ids, mask = sft_batch(next(sft_it), tok, width)
             m = jax.device_get(sft_step(model, sft_opt, jnp.asarray(ids), jnp.asarray(mask)))
-            if step % config.log_every == 0 or step == config.sft.steps - 1 or not m["finite"]:
+            last = step == config.sft.steps - 1
+            if step % config.log_every == 0 or last or not m["finite"]:
                 log({"step": step, "phase": "sft", **m})
             count_nonfinite(m["finite"], step)
             bar.update(step + 1, f"sft loss {float(m['sft_loss']):.3f}")
-            if step == config.sft.steps - 1:
-                meta["eval_before"] = pass_at_1()
-                bar.message(f"held-out pass@1 after SFT (before RL): {meta['eval_before']:.3f}")
-                log({"step": step, "phase": "eval", "pass_at_1": meta["eval_before"]})
+            if last or (stop_at is not None and (step + 1) % eval_every == 0):
+                p = pass_at_1()
+                log({"step": step, "phase": "eval", "pass_at_1": p})
+                if last or p >= stop_at:
+                    meta.update(eval_before=p, sft_end=step + 1)
+                    bar.total = total_steps()
+                    bar.message(f"held-out pass@1 after SFT (before RL): {p:.3f}, SFT ended at step {step + 1}")
         else:  # -------------------------------------------------------------------------- RL
             t0 = time.perf_counter()
+            rl_step = step - meta["sft_end"]
             if curriculum:  # this step's mixture weights
-                rl_it.set_step(step - config.sft.steps)
+                rl_it.set_step(rl_step)
             if windows:  # this step's generation window
                 sampling = dataclasses.replace(sampling, max_new_tokens=windows.window)
             step_probs, step_lengths = [], []
@@ -242,7 +260,7 @@ def main(argv):
                 rec["response_len_p50"] = float(np.percentile(lengths, 50))
                 rec["response_len_p99"] = float(np.percentile(lengths, 99))
                 if windows:  # p99 length and generation perplexity of this step; may advance the window
-                    rec.update(windows.update(step - config.sft.steps, lengths, sampler_lp[comp]))
+                    rec.update(windows.update(rl_step, lengths, sampler_lp[comp]))
                 groups = np.repeat(np.arange(n), g)
                 mb_rows = np.array_split(np.random.default_rng(step).permutation(ids.shape[0]), rl.minibatches)
                 updates, ratios = [], []
@@ -263,7 +281,7 @@ def main(argv):
                 rec["skipped_updates"] = sum(not u["finite"] for u in updates)
                 rec["tokens_per_s"] = float(lengths.sum() / (time.perf_counter() - t0))
             if curriculum:
-                rec.update(curriculum.weights(step - config.sft.steps))
+                rec.update(curriculum.weights(rl_step))
                 rec.update(curriculum.metrics(step_probs, all_rewards, np.concatenate(step_lengths)))
                 # reward vs length correlation; flag when reward grows with length but "solved" does not
                 rec.update(length_bias.update(all_rewards, np.concatenate(step_lengths), all_rewards >= 1))
@@ -271,11 +289,12 @@ def main(argv):
                 rec.setdefault("length/window", sampling.max_new_tokens)
             log(rec)
             bar.update(step + 1, f"rl reward {rec['reward_mean']:.3f} kept {rec['groups_kept']}")
-        if (step + 1) % config.checkpoint.every == 0 or step + 1 == total_steps:
+        if (step + 1) % config.checkpoint.every == 0 or step + 1 == total_steps():
             save(step + 1)
         if config.get("crash_after_step") is not None and step + 1 == config.crash_after_step:
             mgr.wait_until_finished()
             raise SystemExit(f"crash_after_step={config.crash_after_step}: simulated crash (testing hook)")
+        step += 1
     mgr.wait_until_finished()
     after = pass_at_1()
     before = meta["eval_before"]
@@ -283,7 +302,7 @@ def main(argv):
               "gain_points": None if before is None else 100 * (after - before),
               "eval_size": len(eval_set), "wall_s": time.perf_counter() - t_start}
     storage.write_text(storage.join(workdir, "eval.json"), json.dumps(result, indent=2))
-    log({"step": total_steps, "phase": "eval", "pass_at_1": after})
+    log({"step": total_steps(), "phase": "eval", "pass_at_1": after})
     metrics.close()
     bar.message(f"held-out pass@1: {before} after SFT -> {after:.3f} after RL")
     _plot(workdir)

@@ -80,6 +80,38 @@ def test_resume_after_crash_is_bit_exact(tmp_path):
     assert tensorboard_scalars(crashed)["rl/loss"] == tensorboard_scalars(full)["rl/loss"]
 
 
+ALWAYS_RIGHT = """
+def always_right(prompt, completion, reference):
+    return 1.0
+"""
+
+
+def test_sft_stops_at_the_pass_at_1_threshold_and_resumes_after_it(tmp_path):
+    """sft.stop_at_pass_at_1: SFT ends at the first held-out evaluation that reaches it (here the
+    first, at step 3, since every completion is scored right), RL runs its rl.steps from there, and
+    a run that crashes during RL resumes with the same SFT end."""
+    (tmp_path / "r.py").write_text(ALWAYS_RIGHT)
+    args = ["--config.sft.steps=40", "--config.sft.eval_every=3", "--config.sft.stop_at_pass_at_1=0.5",
+            f"--config.rl.reward={tmp_path / 'r.py'}:always_right"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    res = run(full, *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SFT ended at step 3" in res.stdout
+    ms = metrics(full)
+    assert [m["step"] for m in ms if m["phase"] == "sft"] == [0, 1, 2]
+    assert [m["step"] for m in ms if m["phase"] == "rl"] == [3, 4, 5, 6]
+    assert json.loads((full / "eval.json").read_text())["pass_at_1_before_rl"] == 1.0
+    res = run(crashed, *args, "--config.crash_after_step=6")  # checkpoint after 5 steps, crash after 6
+    assert res.returncode != 0 and "simulated crash" in res.stderr + res.stdout
+    res = run(crashed, *args)
+    assert res.returncode == 0 and "resumed from checkpoint step 5" in res.stdout, res.stderr[-3000:]
+    assert [m["step"] for m in metrics(crashed) if m["phase"] == "rl"] == [3, 4, 5, 5, 6]  # step 5 redone
+    ref = {m["step"]: m["loss"] for m in ms if m["phase"] == "rl"}
+    assert all(m["loss"] == ref[m["step"]] for m in metrics(crashed) if m["phase"] == "rl")
+    bad = run(tmp_path / "bad", "--config.sft.stop_at_pass_at_1=1.5")
+    assert bad.returncode != 0 and "stop_at_pass_at_1" in bad.stderr + bad.stdout
+
+
 def test_ci_sized_default_job_reward_rises(tmp_path):
     """The default job, shortened: after the SFT warm start, CISPO raises the sampled reward."""
     res = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path}", "--config=configs/arith_cispo.py",
