@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -25,7 +24,7 @@ import numpy as np  # noqa: E402
 
 import m1jax.model.moe as moe  # noqa: E402
 from m1jax.rollout import SamplingParams, generate  # noqa: E402
-from rollout import tiny_hf_model  # noqa: E402
+from rollout import timed, tiny_hf_model  # noqa: E402
 
 
 def main():
@@ -45,10 +44,7 @@ def main():
     expert_bytes = 4 * cfg.num_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.intermediate_size
     x = jnp.ones((1 << 26,), jnp.float32)
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    t = time.perf_counter()
-    total(x).block_until_ready()
-    print(f"DRAM read {x.nbytes / (time.perf_counter() - t) / 1e9:.1f} GB/s; expert weights "
+    print(f"DRAM read {x.nbytes / timed(lambda: total(x), reps=5) / 1e9:.1f} GB/s; expert weights "
           f"{expert_bytes / 2**20:.0f} MiB of {4 * cfg.param_count() / 2**20:.0f} MiB; "
           f"CPU {os.cpu_count()} threads")
     full = moe.expert_mlp_cpu
@@ -63,12 +59,9 @@ def main():
                 moe.expert_mlp_cpu = fn
                 jax.clear_caches()
                 sp = SamplingParams(temperature=1.0, top_p=0.95, greedy=greedy, max_new_tokens=a.new_tokens)
-                run = lambda: generate(model, prompts, sp, key=jax.random.key(0)).tokens.block_until_ready()  # noqa: E731
+                run = lambda: generate(model, prompts, sp, key=jax.random.key(0)).tokens  # noqa: E731
                 run()  # compile
-                for _ in range(2):
-                    t = time.perf_counter()
-                    run()
-                    best[name] = min(best.get(name, 1e9), (time.perf_counter() - t) / a.new_tokens)
+                best[name] = min(best.get(name, 1e9), timed(run) / a.new_tokens)
         moe.expert_mlp_cpu = full
         experts = best["full step"] - best["no experts"]
         print(f"batch {b}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in best.items()))

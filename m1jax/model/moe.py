@@ -53,6 +53,20 @@ def expert_mlp(x, ids, weights, w1, w3, w2):
     return jnp.zeros((n, x.shape[-1]), F32).at[token].add(y)
 
 
+def _gate(ids, weights, num_experts: int):
+    """Routing weights as a dense [N, E] float32 matrix (0 for the experts a row does not use)."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    return jnp.zeros((ids.shape[0], num_experts), F32).at[rows, ids].add(weights.astype(F32))
+
+
+def _expert_hidden(xs, gs, w1, w3):
+    """SwiGLU hidden rows of every expert, scaled by their routing weights: xs [E, R, D] (expert e's
+    rows), gs [E, R]. Returns [E, R, I] in xs.dtype, ready for the down projection."""
+    h1 = jnp.einsum("erd,edi->eri", xs, w1, preferred_element_type=F32)
+    h3 = jnp.einsum("erd,edi->eri", xs, w3, preferred_element_type=F32)
+    return (jax.nn.silu(h1) * h3 * gs[:, :, None]).astype(xs.dtype)
+
+
 def expert_mlp_dense(x, ids, weights, w1, w3, w2):
     """Every expert on every token, summed with the routing weights (0 for unselected experts):
     x [N, D]; ids, weights [N, k]. Returns [N, D] float32 — equal to ``expert_mlp``.
@@ -62,12 +76,8 @@ def expert_mlp_dense(x, ids, weights, w1, w3, w2):
     [D, E*I] matmul and transpose the weights into it on every call: inside the decode loop that
     was half of a step.)
     """
-    n, e = x.shape[0], w1.shape[0]
-    gate = jnp.zeros((n, e), F32).at[jnp.arange(n)[:, None], ids].add(weights.astype(F32))  # [N, E]
-    xe = jnp.broadcast_to(x, (e, *x.shape))
-    h1 = jnp.einsum("end,edi->eni", xe, w1, preferred_element_type=F32)
-    h3 = jnp.einsum("end,edi->eni", xe, w3, preferred_element_type=F32)
-    h = (jax.nn.silu(h1) * h3 * gate.T[:, :, None]).astype(x.dtype)
+    e = w1.shape[0]
+    h = _expert_hidden(jnp.broadcast_to(x, (e, *x.shape)), _gate(ids, weights, e).T, w1, w3)
     return jnp.einsum("eni,eid->nd", h, w2, preferred_element_type=F32)
 
 
@@ -80,16 +90,13 @@ def expert_mlp_slots(x, ids, weights, w1, w3, w2, capacity: int):
     e = w1.shape[0]
     rows = jnp.arange(n)[:, None]
     hit = jnp.zeros((n, e), bool).at[rows, ids].set(True)  # top-k ids are distinct per row
-    gate = jnp.zeros((n, e), F32).at[rows, ids].add(weights.astype(F32))
+    gate = _gate(ids, weights, e)
     slot = jnp.where(hit, jnp.cumsum(hit, axis=0) - 1, capacity)  # slot `capacity` = not routed here
     token = jnp.full((e, capacity + 1), n, jnp.int32).at[jnp.arange(e), slot].set(
         jnp.broadcast_to(rows.astype(jnp.int32), (n, e)), mode="drop")[:, :capacity]  # [E, C]; n = empty
     xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token]  # [E, C, D]
     gs = jnp.concatenate([gate, jnp.zeros((1, e), F32)])[token, jnp.arange(e)[:, None]]  # [E, C]
-    h1 = jnp.einsum("ecd,edi->eci", xs, w1, preferred_element_type=F32)
-    h3 = jnp.einsum("ecd,edi->eci", xs, w3, preferred_element_type=F32)
-    h = (jax.nn.silu(h1) * h3 * gs[:, :, None]).astype(x.dtype)
-    y = jnp.einsum("eci,eid->ecd", h, w2, preferred_element_type=F32)
+    y = jnp.einsum("eci,eid->ecd", _expert_hidden(xs, gs, w1, w3), w2, preferred_element_type=F32)
     return jnp.zeros((n + 1, d), F32).at[token].add(y)[:n]
 
 

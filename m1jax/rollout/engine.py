@@ -135,18 +135,18 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
     if num_samples > 1:
         cache, last, n_real = _fork(cache, num_samples), jnp.repeat(last, num_samples, 0), jnp.repeat(n_real, num_samples)
     n = last.shape[0]
-    repeats = nnx.merge(graphdef, state).cfg.pattern[1]
+    cfg = nnx.merge(graphdef, state).cfg
     kv_dtype = next((e["k"].dtype for e in cache["blocks"] + (cache["tail"] or []) if "k" in e), jnp.float32)
-    cache = _loop_layout(cache, repeats, kv_dtype, into_loop=True)
+    carried = functools.partial(_loop_layout, repeats=cfg.pattern[1], kv_dtype=kv_dtype, into_loop=True)
+    as_model_takes = functools.partial(_loop_layout, repeats=cfg.pattern[1], kv_dtype=kv_dtype, into_loop=False)
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     f32 = jnp.zeros((n, max_new), jnp.float32)
     init = dict(
-        step=jnp.int32(0), cache=cache, last=last, key=key, done=jnp.zeros((n,), bool),
+        step=jnp.int32(0), cache=carried(cache), last=last, key=key, done=jnp.zeros((n,), bool),
         reason=jnp.zeros((n,), jnp.int32), run=jnp.zeros((n,), jnp.int32), lengths=jnp.zeros((n,), jnp.int32),
         tokens=jnp.zeros((n, max_new), jnp.int32), logprobs=f32, logprobs_truncated=f32,
     )
     if record_routing:
-        cfg = nnx.merge(graphdef, state).cfg
         init["routing"] = jnp.zeros((n, max_new, cfg.num_layers, cfg.num_experts_per_tok), jnp.int32)
 
     def cond(c):
@@ -167,14 +167,13 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
         reason = jnp.where(active, reason, c["reason"])
         # NNX modules must be built in the trace that uses them: merge inside the loop body.
         logits, cache, routing = nnx.merge(graphdef, state).forward_with_cache(
-            tok[:, None], _loop_layout(c["cache"], repeats, kv_dtype, into_loop=False), p + step, None, (n_real + step)[:, None], return_routing=True
-        )
+            tok[:, None], as_model_takes(c["cache"]), p + step, None, (n_real + step)[:, None], return_routing=True)
         extra = {}
         if record_routing:  # the routing of the token just fed (the one sampled at this step)
             ids = jnp.where(active[:, None, None], routing.transpose(1, 0, 2), 0)
             extra["routing"] = c["routing"].at[:, step].set(ids)
         return dict(**extra,
-            step=step + 1, cache=_loop_layout(cache, repeats, kv_dtype, into_loop=True), last=logits[:, 0], key=key, done=reason != RUNNING, reason=reason,
+            step=step + 1, cache=carried(cache), last=logits[:, 0], key=key, done=reason != RUNNING, reason=reason,
             run=run, lengths=c["lengths"] + active, tokens=put(c["tokens"], tok),
             logprobs=put(c["logprobs"], s.logprob), logprobs_truncated=put(c["logprobs_truncated"], s.logprob_truncated),
         )
