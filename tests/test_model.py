@@ -150,6 +150,30 @@ def test_cpu_experts_use_slots_when_the_load_fits():
     assert f"tensor<{e}x48x{inner}xf32>" in hlo  # slots: 1.5 * 32 = 48 rows per expert
 
 
+def test_bfloat16_cache_decode_attention_equals_float32_dots():
+    """With a bfloat16 KV cache the decode attention multiplies bfloat16 operands (no float32 copy
+    of the cache): the float32 query and softmax weights go in as three bfloat16 parts that sum
+    to them exactly, so scores and outputs equal float64 dots over the bf16-rounded cache to float32
+    accuracy — including a cache length that no column block divides."""
+    from m1jax.model.attention import _bf16_parts, _decode_dot, _decode_mix
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 2, 3, 16)) * 10.0 ** rng.integers(-4, 4, size=(2, 2, 3, 16)), jnp.float32)
+    parts = np.asarray(jax.jit(_bf16_parts)(x)).astype(np.float64).reshape(2, 2, 3, 3, 16)
+    np.testing.assert_array_equal(parts.sum(axis=2), np.asarray(x, np.float64))  # exact, not rounded
+    for s in (96, 97):  # blocks of 32; no block
+        q = rng.normal(size=(2, 2, 2, 64)).astype(np.float32) * 3
+        keys, values = (jnp.asarray(rng.normal(size=(2, 2, s, 64)), jnp.bfloat16) for _ in range(2))
+        w = rng.random((2, 2, 2, s)).astype(np.float32)
+        k64, v64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (keys, values))
+        scores = np.asarray(jax.jit(_decode_dot)(jnp.asarray(q), keys))
+        mixed = np.asarray(jax.jit(_decode_mix)(jnp.asarray(w), values))
+        want_s = np.einsum("bkgd,bksd->bkgs", q.astype(np.float64), k64)
+        want_m = np.einsum("bkgs,bksd->bkgd", w.astype(np.float64), v64)
+        assert np.abs(scores - want_s).max() < 1e-6 * np.abs(want_s).max()
+        assert np.abs(mixed - want_m).max() < 1e-6 * np.abs(want_m).max()
+
+
 @pytest.mark.parametrize(
     "kw, words",
     [

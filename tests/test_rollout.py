@@ -1,6 +1,8 @@
 """Rollout engine: cache correctness, greedy equivalences, transformers generate(), log-probs."""
 
 import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,8 +112,8 @@ def test_bfloat16_kv_cache(model):
     got, want, unrounded = (np.asarray(step(model, tok, c, ids.shape[1], n_real[:, None])) for c in (c16, rounded, c32))
     np.testing.assert_allclose(got, want, atol=1e-5 * want.std())
     assert np.abs(got - unrounded).max() > 1e-3 * want.std()
-    # The decode loop carries bf16 caches as uint16 bit patterns: its greedy tokens and log-probs
-    # equal steps taken one at a time on the bf16 cache.
+    # The decode loop (on CPU compiled without XLA's float normalization, so that it writes bf16
+    # columns in place): its greedy tokens and log-probs equal steps taken one at a time.
     r = generate(model, PROMPTS, SamplingParams(greedy=True, max_new_tokens=6), kv_dtype="bfloat16")
     assert (np.asarray(r.lengths) == 6).all()
     last, cache, n_real, _ = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), 6, ids.shape[1], "bfloat16")
@@ -123,6 +125,23 @@ def test_bfloat16_kv_cache(model):
         np.testing.assert_allclose(r.logprobs[:, i], logp[jnp.arange(len(tok)), tok], atol=1e-5)
         logits, cache = step_cache(model, tok[:, None], cache, ids.shape[1] + i, (n_real + i)[:, None])
         last = logits[:, 0]
+
+
+def test_decode_loop_writes_a_bfloat16_cache_in_place(model):
+    """The compiled decode program has no cache-sized convert of a bf16 KV cache: a step writes its
+    new column in place (XLA:CPU's float normalization computed the update in float32, rewriting
+    the cache every step) and the attention reads the bf16 cache as is (no float32 copy)."""
+    from m1jax.rollout.engine import decode, prefill
+
+    ids, mask = left_pad(PROMPTS)
+    graphdef, state = nnx.split(model)
+    last, cache, n_real, _ = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), 6, ids.shape[1], "bfloat16")
+    sp = SamplingParams(greedy=True, max_new_tokens=6)
+    hlo = decode.lower(graphdef, state, cache, last, n_real, ids.shape[1], jax.random.key(0), sp, 1).compile().as_text()
+    _, _, kv, max_len, d = cache["blocks"][1]["k"].shape
+    cache_sized = re.compile(rf"= \w+\[[\d,]*{kv},{max_len},{d}\]\S* (bitcast-)?convert\(")
+    converts = [line.strip()[:120] for line in hlo.splitlines() if cache_sized.search(line)]
+    assert not converts, converts
 
 
 def test_top_p_top_k_truncation_and_truncated_logprobs():

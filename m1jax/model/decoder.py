@@ -233,11 +233,6 @@ def _write_columns(cache, new, cache_index):
 
     def write(old, cols):
         cols = cols.astype(old.dtype)
-        if old.dtype.itemsize == 2:  # XLA:CPU computes a bf16/f16 update-slice in f32: it would convert
-            # (and so rewrite) the whole cache every step. Moving the bits as uint16 writes one column.
-            bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)  # noqa: E731
-            new = jax.lax.dynamic_update_slice(bits(old), bits(cols), (0, 0, 0, cache_index, 0))
-            return jax.lax.bitcast_convert_type(new, old.dtype)
         return jax.lax.dynamic_update_slice(old, cols, (0, 0, 0, cache_index, 0))
 
     return [jax.tree.map(write, old, e) if "k" in old else e for old, e in zip(cache, new)]

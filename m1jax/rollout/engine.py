@@ -78,41 +78,60 @@ def _prefill(graphdef, state, ids, mask, cache, chunk: int):
     return last[-1], cache, routing
 
 
-def _loop_layout(cache, repeats: int, kv_dtype, into_loop: bool):
-    """The cache as the decode loop carries it (into_loop) or as the model takes it (not into_loop).
-
-    * Stacks with a single repeat (the tail block; all blocks when the pattern repeats once) drop
-      their leading axis: a state carried as [1, ...] but updated as [...] cannot be updated in
-      place, and XLA copied it every step.
-    * 16-bit KV caches (``kv_dtype``) are carried as uint16 bit patterns: XLA:CPU computes a
-      bf16/f16 update-slice in float32, converting (so rewriting) the whole cache every step; the
-      model writes its columns as uint16 too (``_write_columns``), and the bitcasts cancel.
-    """
-    bits = jnp.dtype(kv_dtype).itemsize == 2
-
-    def entry(x, one):
-        if into_loop:
-            x = x[0] if one else x
-            return jax.lax.bitcast_convert_type(x, jnp.uint16) if bits and x.dtype == kv_dtype else x
-        x = jax.lax.bitcast_convert_type(x, kv_dtype) if x.dtype == jnp.uint16 else x
-        return x[None] if one else x
-
+def _loop_layout(cache, repeats: int, into_loop: bool):
+    """The cache as the decode loop carries it (into_loop) or as the model takes it (not into_loop):
+    stacks with a single repeat (the tail block; all blocks when the pattern repeats once) drop
+    their leading axis. A state carried as [1, ...] but updated as [...] cannot be updated in
+    place, and XLA copied it every step."""
     out = dict(cache)
     for name in ("blocks", "tail"):
-        if cache[name] is not None:
-            one = name == "tail" or repeats == 1
-            out[name] = jax.tree.map(lambda x: entry(x, one), cache[name])  # noqa: B023
+        if cache[name] is not None and (name == "tail" or repeats == 1):
+            out[name] = jax.tree.map(lambda x: x[0] if into_loop else x[None], cache[name])
     return out
 
 
-# XLA:CPU's default copy insertion copies every loop-carried buffer that is both read and updated
-# in place (here: each KV cache, every decode step — the whole cache). Its region analysis proves
-# the reads happen first and drops the copies; backends other than CPU ignore this option.
-_LOOP_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+def _compiler_options(cfg) -> dict:
+    """XLA:CPU options for the prefill and decode programs (other backends get none):
+
+    * Its default copy insertion copies every loop-carried buffer that is both read and updated in
+      place (here: each KV cache, every decode step — the whole cache). Its region analysis proves
+      the reads happen first and drops the copies.
+    * Its float normalization computes a bf16 update-slice in float32: writing one column of a bf16
+      KV cache converted (so rewrote) the whole cache every step. Without the pass the column is
+      written in place. Only for float32 compute, whose only bf16 arithmetic is then the decode
+      attention's dots with a bf16 cache (which XLA:CPU's YNNPACK runs natively); a bf16-compute
+      model needs the pass (XLA:CPU's own dot emitter has no bf16).
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    options = {"xla_cpu_copy_insertion_use_region_analysis": True}
+    if jnp.dtype(cfg.dtype) == jnp.float32:
+        options["xla_disable_hlo_passes"] = "float-normalization-bf16"
+    return options
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "chunk", "kv_dtype"),
-                   compiler_options=_LOOP_OPTIONS)
+def _jit(**jit_kw):
+    """jax.jit of fn(graphdef, state, ...), compiled with ``_compiler_options`` for its model."""
+
+    def wrap(fn):
+        @functools.cache
+        def jitted(options):
+            return jax.jit(fn, compiler_options=dict(options), **jit_kw)
+
+        def for_model(graphdef, state):
+            return jitted(tuple(sorted(_compiler_options(nnx.merge(graphdef, state).cfg).items())))
+
+        @functools.wraps(fn)
+        def call(graphdef, state, *args, **kwargs):
+            return for_model(graphdef, state)(graphdef, state, *args, **kwargs)
+
+        call.lower = lambda graphdef, state, *a, **kw: for_model(graphdef, state).lower(graphdef, state, *a, **kw)
+        return call
+
+    return wrap
+
+
+@_jit(static_argnames=("graphdef", "max_new", "chunk", "kv_dtype"))
 def prefill(graphdef, state, ids, mask, max_new: int, chunk: int, kv_dtype: str | None = None):
     """Fill a fresh hybrid cache of prompt + max_new columns (KV caches in ``kv_dtype``, default the
     model's compute dtype). Returns (last logits, cache, n_real, routing)."""
@@ -125,8 +144,7 @@ def prefill(graphdef, state, ids, mask, max_new: int, chunk: int, kv_dtype: str 
     return last, cache, mask.sum(axis=1).astype(jnp.int32), routing
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples", "record_routing"),
-                   compiler_options=_LOOP_OPTIONS)
+@_jit(static_argnames=("graphdef", "params", "num_samples", "record_routing"))
 def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: SamplingParams,
            num_samples: int, record_routing: bool = False) -> Rollout:
     """The decode loop (one lax.while_loop) from a prefilled cache; forks it to num_samples first."""
@@ -136,9 +154,8 @@ def decode(graphdef, state, cache, last, n_real, prompt_width, key, params: Samp
         cache, last, n_real = _fork(cache, num_samples), jnp.repeat(last, num_samples, 0), jnp.repeat(n_real, num_samples)
     n = last.shape[0]
     cfg = nnx.merge(graphdef, state).cfg
-    kv_dtype = next((e["k"].dtype for e in cache["blocks"] + (cache["tail"] or []) if "k" in e), jnp.float32)
-    carried = functools.partial(_loop_layout, repeats=cfg.pattern[1], kv_dtype=kv_dtype, into_loop=True)
-    as_model_takes = functools.partial(_loop_layout, repeats=cfg.pattern[1], kv_dtype=kv_dtype, into_loop=False)
+    carried = functools.partial(_loop_layout, repeats=cfg.pattern[1], into_loop=True)
+    as_model_takes = functools.partial(_loop_layout, repeats=cfg.pattern[1], into_loop=False)
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     f32 = jnp.zeros((n, max_new), jnp.float32)
     init = dict(
