@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 import m1jax.model.moe as moe  # noqa: E402
 from m1jax.rollout import SamplingParams, generate  # noqa: E402
-from rollout import timed, tiny_hf_model  # noqa: E402
+from rollout import as_m1jax, timed, tiny_hf_model  # noqa: E402
 
 
 def main():
@@ -33,13 +33,7 @@ def main():
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
-    import tempfile
-
-    from m1jax import hf
-
-    with tempfile.TemporaryDirectory() as d:
-        tiny_hf_model().save_pretrained(d)
-        model = hf.load(d)
+    model = as_m1jax(tiny_hf_model())
     cfg = model.cfg
     expert_bytes = 4 * cfg.num_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.intermediate_size
     x = jnp.ones((1 << 26,), jnp.float32)

@@ -38,6 +38,13 @@ def tiny_hf_model():
     return MiniMaxForCausalLM(cfg).eval()
 
 
+def as_m1jax(hf_model):
+    """The same weights as an m1jax model, through a transformers checkpoint (m1jax.hf)."""
+    with tempfile.TemporaryDirectory() as d:
+        hf_model.save_pretrained(d)
+        return hf.load(d)
+
+
 def timed(fn, reps=2):
     best = float("inf")
     for _ in range(reps):
@@ -59,9 +66,7 @@ def main():
 
     torch.set_num_threads(os.cpu_count() or 2)
     hf_model = tiny_hf_model()
-    with tempfile.TemporaryDirectory() as d:
-        hf_model.save_pretrained(d)
-        model = hf.load(d)
+    model = as_m1jax(hf_model)
     print(f"tiny MiniMax ({model.cfg.param_count():,} params), prompt {a.prompt}, {a.new_tokens} new tokens, "
           f"top-p 0.95, CPU {os.cpu_count()} threads, loadavg {os.getloadavg()[0]:.2f}")
     sp = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=a.new_tokens)
@@ -119,6 +124,7 @@ def main():
               f"context); prefill+compile {t_pre[ctx, kv_dtype]:.1f}s; KV cache of the one softmax layer {kv:.1f} MiB, "
               f"lightning states {7 * model.cfg.num_heads * model.cfg.head_dim ** 2 * 4 / 2**20:.1f} MiB; bound "
               f"(weights + KV read once) {floor * 1e3:.1f} ms ({floor / (weight_bytes / (bw * 1e9)):.2f}x the weights alone)")
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,6 @@
 """MiniMaxM1 against an independent float64 numpy model, config validation, real-size structure."""
 
 import dataclasses
-
 import functools
 
 import jax

@@ -232,8 +232,7 @@ def _write_columns(cache, new, cache_index):
     in-place update when the cache is a loop carry)."""
 
     def write(old, cols):
-        cols = cols.astype(old.dtype)
-        return jax.lax.dynamic_update_slice(old, cols, (0, 0, 0, cache_index, 0))
+        return jax.lax.dynamic_update_slice(old, cols.astype(old.dtype), (0, 0, 0, cache_index, 0))
 
     return [jax.tree.map(write, old, e) if "k" in old else e for old, e in zip(cache, new)]
 

@@ -118,8 +118,12 @@ def _jit(**jit_kw):
         def jitted(options):
             return jax.jit(fn, compiler_options=dict(options), **jit_kw)
 
+        configs = {}  # graphdef -> its model's config (static: merging the model once is enough)
+
         def for_model(graphdef, state):
-            return jitted(tuple(sorted(_compiler_options(nnx.merge(graphdef, state).cfg).items())))
+            if graphdef not in configs:
+                configs[graphdef] = nnx.merge(graphdef, state).cfg
+            return jitted(tuple(sorted(_compiler_options(configs[graphdef]).items())))
 
         @functools.wraps(fn)
         def call(graphdef, state, *args, **kwargs):
