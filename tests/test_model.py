@@ -100,10 +100,11 @@ def test_tiny_config_builds():
 
 
 def test_moe_impls_agree_in_values_and_gradients():
-    """Dense (every expert on every token), slots (fixed rows per expert) and grouped (sorted
-    rows, ragged_dot) experts compute the same function: values and all input/weight/routing-weight
-    gradients, under skewed routing (which makes the CPU experts fall back to dense)."""
-    from m1jax.model.moe import expert_mlp, expert_mlp_cpu, expert_mlp_dense, expert_mlp_slots
+    """Dense (every expert on every token), slots (fixed rows per expert), gathered (each token's
+    experts' weights) and grouped (sorted rows, ragged_dot) experts compute the same function: values
+    and all input/weight/routing-weight gradients, under skewed routing (which makes the CPU experts
+    fall back to dense)."""
+    from m1jax.model.moe import expert_mlp, expert_mlp_cpu, expert_mlp_dense, expert_mlp_gathered, expert_mlp_slots
 
     n, d, inner, e, k = 40, 16, 24, 5, 2
     ks = jax.random.split(jax.random.key(0), 6)
@@ -123,7 +124,7 @@ def test_moe_impls_agree_in_values_and_gradients():
     assert counts.max() > 24  # the CPU path has 24 slots per expert: it must fall back to dense
     y_grouped, g_grouped = vjp(expert_mlp)
     impls = {"dense": expert_mlp_dense, "slots": functools.partial(expert_mlp_slots, capacity=int(counts.max())),
-             "cpu (dense fallback)": expert_mlp_cpu}
+             "gathered": expert_mlp_gathered, "cpu (dense fallback)": expert_mlp_cpu}
     for name, fn in impls.items():
         y, g = vjp(fn)
         np.testing.assert_allclose(y, y_grouped, rtol=1e-5, atol=1e-5, err_msg=name)
@@ -147,6 +148,27 @@ def test_cpu_experts_use_slots_when_the_load_fits():
                                rtol=1e-5, atol=1e-5)
     hlo = jax.jit(expert_mlp_cpu).lower(x, ids, weights, w1, w3, w2).as_text()
     assert f"tensor<{e}x48x{inner}xf32>" in hlo  # slots: 1.5 * 32 = 48 rows per expert
+
+
+def test_cpu_experts_read_only_the_selected_experts_for_a_small_batch():
+    """With fewer (token, expert) pairs than experts (batch-1 decode), expert_mlp_cpu gathers the
+    selected experts' weights instead of multiplying by all of them: equal to the grouped experts,
+    and its program has no dot over all experts."""
+    from m1jax.model.moe import expert_mlp, expert_mlp_cpu
+
+    n, d, inner, e, k = 1, 8, 16, 4, 2
+    ks = jax.random.split(jax.random.key(2), 5)
+    x = jax.random.normal(ks[0], (n, d))
+    w1, w3 = (jax.random.normal(kk, (e, d, inner)) / d**0.5 for kk in ks[1:3])
+    w2 = jax.random.normal(ks[3], (e, inner, d)) / inner**0.5
+    weights = jax.nn.softmax(jax.random.normal(ks[4], (n, k)), axis=-1)
+    for ids in ([[3, 1]], [[0, 2]]):
+        ids = jnp.asarray(ids)
+        np.testing.assert_allclose(expert_mlp_cpu(x, ids, weights, w1, w3, w2),
+                                   expert_mlp(x, ids, weights, w1, w3, w2), rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(expert_mlp_cpu).lower(x, ids, weights, w1, w3, w2).as_text()
+    assert f"tensor<{k}x{d}x{inner}xf32>" in hlo  # the k selected experts' w1 and w3
+    assert f"tensor<{e}x{n}x{inner}xf32>" not in hlo  # dense's hidden rows of every expert
 
 
 def test_bfloat16_cache_decode_attention_equals_float32_dots():

@@ -100,11 +100,32 @@ def expert_mlp_slots(x, ids, weights, w1, w3, w2, capacity: int):
     return jnp.zeros((n + 1, d), F32).at[token].add(y)[:n]
 
 
+def expert_mlp_gathered(x, ids, weights, w1, w3, w2):
+    """Each (token, expert) pair with its expert's matrices gathered: reads the weights of the n * k
+    selected experts only, where the batched forms read all E. x [N, D]; ids, weights [N, k].
+    Returns [N, D] float32 — equal to ``expert_mlp``. (Batch-1 decode of the tiny config: the
+    experts' 8 layers 1.65 -> 0.66 ms per token.)"""
+    n, k = ids.shape
+    pair = ids.reshape(-1)
+    xs = jnp.repeat(x, k, axis=0)  # [N k, D]: row i * k + j is token i for its j-th expert
+    h1 = jnp.einsum("pd,pdi->pi", xs, w1[pair], preferred_element_type=F32)
+    h3 = jnp.einsum("pd,pdi->pi", xs, w3[pair], preferred_element_type=F32)
+    h = (jax.nn.silu(h1) * h3 * weights.reshape(-1, 1).astype(F32)).astype(x.dtype)
+    y = jnp.einsum("pi,pid->pd", h, w2[pair], preferred_element_type=F32)
+    return y.reshape(n, k, -1).sum(axis=1)
+
+
 def expert_mlp_cpu(x, ids, weights, w1, w3, w2):
-    """The CPU experts: fixed slots of 1.5x the balanced load (``expert_mlp_slots``) when every
-    expert's tokens fit them, else dense — dropless either way, one compiled program. With
-    E experts and top-k routing the slots do 1.5 k / E of dense's work (tiny config: 3/4)."""
+    """The CPU experts, dropless, one compiled program per shape:
+
+    * fewer (token, expert) pairs than experts (small-batch decode): only the selected experts'
+      weights, gathered (``expert_mlp_gathered``);
+    * otherwise fixed slots of 1.5x the balanced load (``expert_mlp_slots``) when every expert's
+      tokens fit them, else dense. With E experts and top-k routing the slots do 1.5 k / E of
+      dense's work (tiny config: 3/4)."""
     n, e, k = x.shape[0], w1.shape[0], ids.shape[1]
+    if n * k < e:
+        return expert_mlp_gathered(x, ids, weights, w1, w3, w2)
     balanced = -(-n * k // e)  # ceil(n k / e)
     capacity = -(-3 * balanced // 2 // 8) * 8  # 1.5x, rounded up to a multiple of 8 rows
     if capacity >= n:  # small batches: slots would not save anything
