@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 import m1jax.model.moe as moe  # noqa: E402
 from m1jax.rollout import SamplingParams, generate  # noqa: E402
-from rollout import as_m1jax, timed, tiny_hf_model  # noqa: E402
+from rollout import as_m1jax, expert_weight_bytes, timed, tiny_hf_model  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     a = p.parse_args()
     model = as_m1jax(tiny_hf_model())
     cfg = model.cfg
-    expert_bytes = 4 * cfg.num_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.intermediate_size
+    expert_bytes = expert_weight_bytes(cfg)
     x = jnp.ones((1 << 26,), jnp.float32)
     total = jax.jit(jnp.sum)
     print(f"DRAM read {x.nbytes / timed(lambda: total(x), reps=5) / 1e9:.1f} GB/s; expert weights "

@@ -19,6 +19,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from m1jax import hf  # noqa: E402
+from m1jax.model.config import LINEAR  # noqa: E402
 from m1jax.rollout import SamplingParams, generate  # noqa: E402
 
 
@@ -43,6 +44,11 @@ def as_m1jax(hf_model):
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d)
         return hf.load(d)
+
+
+def expert_weight_bytes(cfg):
+    """Bytes of all layers' fp32 expert matrices (w1, w3, w2)."""
+    return 4 * cfg.num_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.intermediate_size
 
 
 def timed(fn, reps=2):
@@ -79,8 +85,7 @@ def main():
     weight_bytes = 4 * cfg.param_count()
     step_floor = weight_bytes / (bw * 1e9)
     # at batch 1 only the token's top-k experts need reading (the CPU experts gather just those)
-    expert_bytes = 4 * cfg.num_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.intermediate_size
-    batch1_bytes = weight_bytes - expert_bytes * (1 - cfg.num_experts_per_tok / cfg.num_experts)
+    batch1_bytes = weight_bytes - expert_weight_bytes(cfg) * (1 - cfg.num_experts_per_tok / cfg.num_experts)
     print(f"DRAM read {bw:.1f} GB/s; fp32 weights {weight_bytes / 2**20:.0f} MiB -> any decode step >= "
           f"{step_floor * 1e3:.1f} ms (the bound column: tokens/s if a step cost only that)")
     print(f"{'batch':>6} | {'m1jax tok/s':>12} | {'transformers tok/s':>18} | ratio | {'bound tok/s':>11}")
@@ -126,7 +131,7 @@ def main():
         floor = (batch1_bytes + kv * 2**20) / (bw * 1e9)
         print(f"  context {ctx:>6}{' bf16 KV' if kv_dtype else ''}: {per * 1e3:.2f} ms/token ({per / first:.2f}x the first "
               f"context); prefill+compile {t_pre[ctx, kv_dtype]:.1f}s; KV cache of the one softmax layer {kv:.1f} MiB, "
-              f"lightning states {7 * cfg.num_heads * cfg.head_dim ** 2 * 4 / 2**20:.1f} MiB; bound (the "
+              f"lightning states {cfg.layer_types.count(LINEAR) * cfg.num_heads * cfg.head_dim ** 2 * 4 / 2**20:.1f} MiB; bound (the "
               f"{batch1_bytes / 2**20:.0f} MiB of weights a token uses + KV, read once) {floor * 1e3:.1f} ms "
               f"({floor / (batch1_bytes / (bw * 1e9)):.2f}x the weights alone)")
 

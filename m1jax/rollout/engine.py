@@ -118,12 +118,12 @@ def _jit(**jit_kw):
         def jitted(options):
             return jax.jit(fn, compiler_options=dict(options), **jit_kw)
 
-        configs = {}  # graphdef -> its model's config (static: merging the model once is enough)
+        options = {}  # graphdef -> its model's options (static: merging the model once is enough)
 
         def for_model(graphdef, state):
-            if graphdef not in configs:
-                configs[graphdef] = nnx.merge(graphdef, state).cfg
-            return jitted(tuple(sorted(_compiler_options(configs[graphdef]).items())))
+            if graphdef not in options:
+                options[graphdef] = tuple(sorted(_compiler_options(nnx.merge(graphdef, state).cfg).items()))
+            return jitted(options[graphdef])
 
         @functools.wraps(fn)
         def call(graphdef, state, *args, **kwargs):
