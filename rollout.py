@@ -18,6 +18,11 @@ the vocabulary is written to the output with an "error" and skipped; the others 
 line is one sample: prompt index, sample index, prompt and completion ids, the decoded completion
 ("completion_text", with a tokenizer), per-token sampler log-probs (full-vocabulary and truncated;
 see m1jax/rollout/sampling.py) and the finish reason (stop, length, repetition).
+
+Prompts are sampled in batches of config.rollout.batch_size, each written (and synced) as soon as it
+is done, with a key of its own (the seed folded with the batch's number). --resume continues an
+interrupted output: it keeps the finished batches, drops a partly written one, and samples the rest;
+with the same prompts, config and seed the file ends byte for byte as one uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json or a directo
 _BOS = flags.DEFINE_bool("bos", False, "prepend the tokenizer's bos id to \"text\" prompts")
 _PROMPTS = flags.DEFINE_string("prompts", None, "input JSONL", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "output JSONL", required=True)
+_RESUME = flags.DEFINE_bool("resume", False, "continue an interrupted --output: keep its finished batches and sample "
+                            "the rest (without it, --output is overwritten)")
 
 
 def prompt_ids(rec: dict, tokenizer=None, bos: bool = False) -> list[int]:
@@ -87,6 +94,68 @@ def read_prompts(path: str, vocab_size: int, max_len: int, tokenizer=None, bos: 
     return out
 
 
+def check_rollout_config(ro) -> None:
+    """Fail before any model is loaded or compiled on a rollout section that cannot run."""
+    for key in ("batch_size", "num_samples", "max_prompt_len"):
+        value = ro.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"rollout.{key}={value!r}: must be an integer >= 1.")
+    kv = ro.get("kv_dtype", "")
+    if kv not in ("", "float32", "bfloat16"):
+        raise ValueError(f"rollout.kv_dtype={kv!r}: use '' (the model's compute dtype), 'float32' or 'bfloat16'.")
+
+
+def plan_batches(good: list, batch_size: int) -> list[list]:
+    """The valid prompts [(index, ids)] in batches of ``batch_size``, in file order: the same batches,
+    and so the same keys, in a resumed run as in an uninterrupted one."""
+    return [good[b:b + batch_size] for b in range(0, len(good), batch_size)]
+
+
+def finished_lines(path: str, batches: list[list], num_samples: int) -> tuple[set[int], list[str]]:
+    """The batches an interrupted output finished, and their sample lines in file order.
+
+    A torn last line and the lines of a partly written batch are not kept (that batch is sampled
+    again). A sample these prompts and ``num_samples`` cannot have produced raises ValueError: the
+    file was written for other prompts or settings."""
+    if not os.path.exists(path):
+        return set(), []
+    with open(path) as f:
+        lines = f.read().split("\n")[:-1]  # the last piece is "" or a torn line
+    batch_of = {index: n for n, batch in enumerate(batches) for index, _ in batch}
+    ids_of = {index: ids for batch in batches for index, ids in batch}
+    written: dict[int, set] = {}
+    samples = []
+    for no, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"--resume: line {no} of {path} is not JSON, so the file is not a rollout.py output; "
+                             "pass a new --output.") from None
+        if "error" in row:
+            continue  # error lines are written afresh
+        index, sample = row.get("index"), row.get("sample")
+        if (index not in ids_of or row.get("prompt_ids") != ids_of[index]
+                or not isinstance(sample, int) or not 0 <= sample < num_samples):
+            raise ValueError(f"--resume: line {no} of {path} (prompt {index}, sample {sample}) does not belong to "
+                             f"these prompts with rollout.num_samples={num_samples}: the file was written for other "
+                             "prompts or settings. Pass a new --output, or drop --resume to overwrite it.")
+        pairs = written.setdefault(batch_of[index], set())
+        if (index, sample) not in pairs:
+            pairs.add((index, sample))
+            samples.append((batch_of[index], line))
+    done = {n for n, pairs in written.items() if len(pairs) == len(batches[n]) * num_samples}
+    return done, [line for n, line in samples if n in done]
+
+
+def write_atomically(path: str, lines: list[str]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def progress(done: int, total: int, start: float, tokens: int):
     width = 30
     frac = done / max(total, 1)
@@ -124,46 +193,57 @@ def main(argv):
     from m1jax.rollout import FINISH_REASONS, SamplingParams, generate
 
     config = _CONFIG.value
+    ro = config.rollout
+    check_rollout_config(ro)
     tok = None
     if _TOKENIZER.value:
         tok = tokenizers.load(_TOKENIZER.value)
     elif _CKPT.value and os.path.exists(os.path.join(_CKPT.value, "tokenizer.json")):
         tok = tokenizers.load(_CKPT.value)
-    model = load_model(_CKPT.value, config)
     sp = SamplingParams(**{k: (tuple(v) if k == "stop_token_ids" else v) for k, v in config.sampling.items()})
     if tok is not None and tok.eos_id not in sp.stop_token_ids:
         sp = dataclasses.replace(sp, stop_token_ids=sp.stop_token_ids + (tok.eos_id,))
-    ro = config.rollout
+    model = load_model(_CKPT.value, config)
     prompts = read_prompts(_PROMPTS.value, model.cfg.vocab_size, ro.max_prompt_len, tok, _BOS.value)
     good = [(i, ids) for i, ids, err in prompts if err is None]
+    batches = plan_batches(good, ro.batch_size)
+    done, kept = finished_lines(_OUTPUT.value, batches, ro.num_samples) if _RESUME.value else (set(), [])
+    if done:
+        print(f"--resume: keeping {len(done)} finished batches ({len(kept)} samples) of {_OUTPUT.value}",
+              file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    start, tokens = time.perf_counter(), 0
-    key = jax.random.key(sp.seed)
-    with open(_OUTPUT.value, "w") as out:
-        for i, ids, err in prompts:
-            if err is not None:
-                out.write(json.dumps({"index": i, "error": err}) + "\n")
-        for b in range(0, len(good), ro.batch_size):
-            batch = good[b:b + ro.batch_size]
-            key, sub = jax.random.split(key)
-            r = jax.device_get(generate(model, [ids for _, ids in batch], sp, num_samples=ro.num_samples, key=sub))
+    errors = [json.dumps({"index": i, "error": err}) for i, _, err in prompts if err is not None]
+    write_atomically(_OUTPUT.value, errors + kept)
+    start, tokens, finished = time.perf_counter(), 0, sum(len(batches[n]) for n in done)
+    seed_key = jax.random.key(sp.seed)
+    with open(_OUTPUT.value, "a") as out:
+        for n, batch in enumerate(batches):
+            if n in done:
+                continue
+            r = jax.device_get(generate(model, [ids for _, ids in batch], sp, num_samples=ro.num_samples,
+                                        key=jax.random.fold_in(seed_key, n), kv_dtype=ro.get("kv_dtype") or None))
+            lines = []
             for row in range(len(batch) * ro.num_samples):
                 idx, ids = batch[row // ro.num_samples]
-                n = int(r.lengths[row])
-                tokens += n
-                completion = r.tokens[row, :n].tolist()
+                length = int(r.lengths[row])
+                tokens += length
+                completion = r.tokens[row, :length].tolist()
                 text = {} if tok is None else {"completion_text": tok.decode(completion)}
-                out.write(json.dumps({
+                lines.append(json.dumps({
                     "index": idx, "sample": row % ro.num_samples, "prompt_ids": ids,
                     "completion_ids": completion, **text,
-                    "logprobs": [round(float(x), 6) for x in r.logprobs[row, :n]],
-                    "logprobs_truncated": [round(float(x), 6) for x in r.logprobs_truncated[row, :n]],
+                    "logprobs": [round(float(x), 6) for x in r.logprobs[row, :length]],
+                    "logprobs_truncated": [round(float(x), 6) for x in r.logprobs_truncated[row, :length]],
                     "finish_reason": FINISH_REASONS[int(r.finish_reason[row])],
                 }) + "\n")
-            progress(b + len(batch), len(good), start, tokens)
+            out.write("".join(lines))  # one batch at a time, synced: a crash loses at most the batch in flight
+            out.flush()
+            os.fsync(out.fileno())
+            finished += len(batch)
+            progress(finished, len(good), start, tokens)
     sys.stderr.write("\n")
-    n_err = len(prompts) - len(good)
-    print(f"wrote {len(good) * ro.num_samples} samples ({n_err} prompts rejected) to {_OUTPUT.value}")
+    print(f"wrote {len(good) * ro.num_samples} samples ({len(kept)} kept from the interrupted run, "
+          f"{len(prompts) - len(good)} prompts rejected) to {_OUTPUT.value}")
 
 
 if __name__ == "__main__":

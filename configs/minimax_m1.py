@@ -49,5 +49,5 @@ def get_config():
         dict(temperature=1.0, top_p=1.0, top_k=0, greedy=False, max_new_tokens=40960, stop_token_ids=(),
              repetition_window=3000, repetition_prob=0.99, seed=0)
     )
-    c.rollout = ml_collections.ConfigDict(dict(batch_size=16, num_samples=16, max_prompt_len=8192))
+    c.rollout = ml_collections.ConfigDict(dict(batch_size=16, num_samples=16, max_prompt_len=8192, kv_dtype=""))
     return c

@@ -43,5 +43,5 @@ def get_config():
         dict(temperature=1.0, top_p=1.0, top_k=0, greedy=False, max_new_tokens=64, stop_token_ids=(),
              repetition_window=0, repetition_prob=0.99, seed=0)
     )
-    c.rollout = ml_collections.ConfigDict(dict(batch_size=8, num_samples=1, max_prompt_len=1024))
+    c.rollout = ml_collections.ConfigDict(dict(batch_size=8, num_samples=1, max_prompt_len=1024, kv_dtype=""))
     return c

@@ -80,3 +80,66 @@ def test_rollout_cli_text_needs_a_tokenizer(tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert "need a tokenizer: pass --tokenizer" in rows[0]["error"]
     assert rows[1]["index"] == 1 and "completion_text" not in rows[1]
+
+
+def _rollout(ckpt, prompts, out, *flags):
+    return subprocess.run([sys.executable, "rollout.py", "--config=configs/tiny.py", f"--checkpoint={ckpt}",
+                           f"--prompts={prompts}", f"--output={out}", "--config.sampling.max_new_tokens=4",
+                           "--config.rollout.batch_size=1", "--config.rollout.num_samples=2", *flags],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_rollout_cli_resumes_an_interrupted_output(tmp_path):
+    """A run cut off mid-batch (its last line torn), resumed, ends byte for byte as one uninterrupted
+    run: finished batches are kept, the torn one is sampled again with its own key."""
+    ckpt = tmp_path / "ckpt"
+    tiny_hf_model().save_pretrained(ckpt)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt_ids": p}) for p in ([1, 2, 3], [], [4, 5], [6, 7, 8, 9])) + "\n")
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    res = _rollout(ckpt, prompts, full)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = full.read_text().splitlines(keepends=True)
+    assert [json.loads(x).get("index") for x in lines] == [1, 0, 0, 2, 2, 3, 3]  # the error first, then batches
+    # the crash: batch 0 written, batch 1 half written (its second sample torn), batch 2 never started
+    cut.write_text("".join(lines[:4]) + lines[4][:len(lines[4]) // 2])
+    res = _rollout(ckpt, prompts, cut, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "keeping 1 finished batches (2 samples)" in res.stderr
+    assert cut.read_text() == full.read_text()
+    # a different prompts file does not silently extend the output
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt_ids": [9, 9]}) + "\n")
+    res = _rollout(ckpt, other, cut, "--resume")
+    assert res.returncode != 0 and "written for other prompts or settings" in res.stderr
+    assert cut.read_text() == full.read_text()  # and loses nothing
+
+
+def test_rollout_cli_rejects_a_bad_rollout_config_before_loading(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt_ids": [1, 2]}) + "\n")
+    for flag, msg in [("--config.rollout.batch_size=0", "rollout.batch_size=0: must be an integer >= 1"),
+                      ("--config.rollout.kv_dtype=int8", "rollout.kv_dtype='int8'"),
+                      ("--config.sampling.top_p=0.0", "sampling.top_p: must be in (0, 1]")]:
+        res = _rollout(tmp_path / "missing_checkpoint", prompts, tmp_path / "out.jsonl", flag)
+        assert res.returncode != 0 and msg in res.stderr, res.stderr[-2000:]
+        assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_rollout_cli_bf16_kv_cache(tmp_path):
+    """rollout.kv_dtype=bfloat16 samples with a bf16 KV cache: greedy tokens of the tiny model equal the fp32 cache's."""
+    ckpt = tmp_path / "ckpt"
+    tiny_hf_model().save_pretrained(ckpt)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt_ids": [3, 1, 4, 1, 5]}) + "\n")
+    rows = {}
+    for kv in ("", "bfloat16"):
+        out = tmp_path / f"out{kv}.jsonl"
+        res = _rollout(ckpt, prompts, out, "--config.sampling.greedy=True", f"--config.rollout.kv_dtype={kv}")
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows[kv] = [json.loads(x) for x in out.read_text().splitlines()]
+    fp32, bf16 = rows[""][0], rows["bfloat16"][0]
+    assert fp32["completion_ids"] == bf16["completion_ids"]
+    # the cache really is bf16: the log-probs move by its rounding, and no more
+    gap = max(abs(a - b) for a, b in zip(fp32["logprobs"], bf16["logprobs"]))
+    assert 0 < gap < 1e-2, gap
