@@ -164,23 +164,29 @@ def progress(done: int, total: int, start: float, tokens: int):
     sys.stderr.flush()
 
 
-def load_model(checkpoint: str | None, config):
+def load_model(checkpoint: str | None, config, mesh=None):
     """The model of a train.py run (local or gs://), of a MiniMax checkpoint directory, or (no
-    checkpoint) a randomly initialized model of ``config.model``."""
+    checkpoint) a randomly initialized model of ``config.model``; with ``mesh``, every parameter
+    in its sharding."""
     from flax import nnx
 
-    from m1jax import runs, storage
+    from m1jax import runs, sharding, storage
     from m1jax.configs import model_config
     from m1jax.model import MiniMaxM1
 
     if not checkpoint:
         print("no --checkpoint: sampling from a randomly initialized model of the config", file=sys.stderr)
-        return MiniMaxM1(model_config(config), rngs=nnx.Rngs(0))
+        cfg = model_config(config)
+        make = lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+        if mesh is None:
+            return make()
+        sharding.validate_model_for_mesh(cfg, sharding.MeshConfig(**dict(mesh.shape)))
+        return sharding.create_sharded(make, mesh)
     if storage.is_remote(checkpoint) or runs.is_run_dir(checkpoint):
-        model, step = runs.restore_model(checkpoint)
+        model, step = runs.restore_model(checkpoint, mesh=mesh)
         print(f"restored step {step} of the train.py run {checkpoint}", file=sys.stderr)
         return model
-    return runs.load_model(checkpoint)  # a MiniMax checkpoint directory
+    return runs.load_model(checkpoint, mesh=mesh)  # a MiniMax checkpoint directory
 
 
 def main(argv):
@@ -189,12 +195,15 @@ def main(argv):
 
     import jax
 
+    from m1jax import sharding
     from m1jax import tokenizer as tokenizers
     from m1jax.rollout import FINISH_REASONS, SamplingParams, generate
 
     config = _CONFIG.value
     ro = config.rollout
     check_rollout_config(ro)
+    mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
+    print(sharding.describe_mesh(mesh), file=sys.stderr)
     tok = None
     if _TOKENIZER.value:
         tok = tokenizers.load(_TOKENIZER.value)
@@ -203,7 +212,10 @@ def main(argv):
     sp = SamplingParams(**{k: (tuple(v) if k == "stop_token_ids" else v) for k, v in config.sampling.items()})
     if tok is not None and tok.eos_id not in sp.stop_token_ids:
         sp = dataclasses.replace(sp, stop_token_ids=sp.stop_token_ids + (tok.eos_id,))
-    model = load_model(_CKPT.value, config)
+    if mesh.size > 1:  # sample on the mesh: parameters sharded, the MoE expert-parallel
+        jax.set_mesh(mesh)
+    model = load_model(_CKPT.value, config, mesh if mesh.size > 1 else None)
+    print(sharding.describe_params(model), file=sys.stderr)
     prompts = read_prompts(_PROMPTS.value, model.cfg.vocab_size, ro.max_prompt_len, tok, _BOS.value)
     good = [(i, ids) for i, ids, err in prompts if err is None]
     batches = plan_batches(good, ro.batch_size)

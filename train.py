@@ -24,6 +24,7 @@ def main(argv):
     del argv
     import dataclasses
     import functools
+    import math
 
     from absl import logging
 
@@ -35,7 +36,7 @@ def main(argv):
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from m1jax import runs, storage
+    from m1jax import runs, sharding, storage
     from m1jax.configs import model_config
     from m1jax.data import rewards, tasks
     from m1jax.data.problem import completion_text, sft_batch
@@ -70,6 +71,19 @@ def main(argv):
     if rl.prompts_per_step % rl.minibatches:
         raise ValueError(f"rl.minibatches={rl.minibatches} must divide rl.prompts_per_step={rl.prompts_per_step}.")
     print(f"objective: {loss_cfg.describe()}", flush=True)
+    mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
+    sharding.validate_model_for_mesh(cfg, sharding.MeshConfig(**dict(mesh.shape)))
+    print(sharding.describe_mesh(mesh), flush=True)
+    # A training step's rows are split evenly over the mesh's batch shards (sampling pads itself).
+    shards, g = sharding.batch_shards(mesh), rl.samples_per_prompt
+    for key, rows in (("sft.batch_size", config.sft.batch_size),
+                      ("rl.prompts_per_step * rl.samples_per_prompt / rl.minibatches", rl.prompts_per_step * g // rl.minibatches)):
+        if rows % shards:
+            raise ValueError(f"{key} = {rows} rows, not a multiple of the mesh's {shards} batch shards "
+                             "(mesh.data * mesh.fsdp * mesh.expert): change one or the other.")
+    # With fewer kept groups than rl.prompts_per_step (dynamic sampling ran out of generation
+    # batches), train on a number of groups whose minibatches still split evenly over the shards.
+    group_unit = 1 if shards == 1 else shards * rl.minibatches // math.gcd(g, shards * rl.minibatches)
     # An environment curriculum (config.curriculum) replaces data.task; config.length stages the window.
     curriculum = windows = None
     if config.get("curriculum") is not None:
@@ -98,7 +112,12 @@ def main(argv):
         raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every}: the threshold must be "
                          "in (0, 1] and the interval >= 1 step (or set stop_at_pass_at_1=None to run all sft.steps).")
 
-    model = MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed))
+    if mesh.size > 1:  # sampling and training on one mesh: parameters (and so optimizer state) sharded
+        jax.set_mesh(mesh)
+        model = sharding.create_sharded(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed)), mesh)
+    else:  # one device: built eagerly, as the default job's calibration was (jit init differs by ulps)
+        model = MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed))
+    print(sharding.describe_params(model), flush=True)
     sft_opt = nnx.Optimizer(model, make_optimizer(sft_opt_cfg), wrt=nnx.Param)
     rl_opt = nnx.Optimizer(model, make_optimizer(rl_opt_cfg), wrt=nnx.Param)
     sft_it = iter(task.stream(config.seed).batch(config.sft.batch_size, batch_fn=list).to_iter_dataset())
@@ -215,7 +234,6 @@ def main(argv):
             if windows:  # this step's generation window
                 sampling = dataclasses.replace(sampling, max_new_tokens=windows.window)
             step_probs, step_lengths = [], []
-            g = rl.samples_per_prompt
             kept_prompts, kept_tokens, kept_logp, kept_len, kept_rewards, all_rewards = [], [], [], [], [], []
             n_gen = n_failures = 0
             while len(kept_rewards) < rl.prompts_per_step and n_gen < rl.max_gen_batches:
@@ -244,8 +262,8 @@ def main(argv):
             rec = {"step": step, "phase": "rl", "reward_mean": all_rewards.mean(),
                    "pass_rate": (all_rewards > 0).mean(), "groups_kept": len(kept_rewards), "gen_batches": n_gen,
                    "reward_failures": n_failures}
-            if kept_rewards:
-                n = min(len(kept_rewards), rl.prompts_per_step)
+            n = min(len(kept_rewards), rl.prompts_per_step) // group_unit * group_unit
+            if n:
                 lengths = np.concatenate(kept_len[:n])
                 ids, comp, sampler_lp = rollout_batch(kept_prompts[: n * g], np.concatenate(kept_tokens[:n]),
                                                       np.concatenate(kept_logp[:n]), lengths, width, tok.pad_id)

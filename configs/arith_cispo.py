@@ -38,6 +38,9 @@ def get_config():
     c.rl_optim = ml_collections.ConfigDict(dict(learning_rate=1.5e-4, warmup_steps=0, weight_decay=0.0,
                                                 max_grad_norm=1.0))
     c.checkpoint = ml_collections.ConfigDict(dict(every=20, keep=2))
+    # The devices sampling and training share (m1jax.sharding): sizes of (data, fsdp, expert, tensor),
+    # one of them may be -1 (the devices the others leave); e.g. --config.mesh.data=-1 on a TPU host.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
     c.max_nonfinite_in_a_row = 5
     c.log_every = 25
     c.crash_after_step = ml_collections.config_dict.placeholder(int)  # testing hook: exit after this step

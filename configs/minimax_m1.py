@@ -50,4 +50,7 @@ def get_config():
              repetition_window=3000, repetition_prob=0.99, seed=0)
     )
     c.rollout = ml_collections.ConfigDict(dict(batch_size=16, num_samples=16, max_prompt_len=8192, kv_dtype=""))
+    # 8-way expert parallelism (4 of the 32 experts per device), FSDP over all the other devices
+    # (`python -m m1jax.plan` checks a pod shape's memory before a run).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=8, tensor=1))
     return c

@@ -44,4 +44,5 @@ def get_config():
              repetition_window=0, repetition_prob=0.99, seed=0)
     )
     c.rollout = ml_collections.ConfigDict(dict(batch_size=8, num_samples=1, max_prompt_len=1024, kv_dtype=""))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # one axis may be -1: the rest
     return c

@@ -29,6 +29,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from m1jax import sharding as shd
 from m1jax.model.config import FULL, LINEAR, ModelConfig
 from m1jax.model.decoder import MiniMaxM1, layer_index
 
@@ -285,18 +286,23 @@ def read_config(path: str, **overrides) -> ModelConfig:
         return config_from_hf(json.load(f), **overrides)
 
 
-def load(path: str, dtype: str | None = None, param_dtype: str | None = None, **overrides) -> MiniMaxM1:
+def load(path: str, dtype: str | None = None, param_dtype: str | None = None, *, mesh=None,
+         **overrides) -> MiniMaxM1:
     """Load a checkpoint directory (either format) into a MiniMaxM1 model.
 
     dtype: compute dtype (default float32); param_dtype: storage dtype of the parameters (default
     float32). Other ModelConfig fields may be overridden (e.g. ``lightning_impl``, ``block_size``).
-    Raises CheckpointError naming any missing, unexpected or misshaped tensor.
+    mesh: place each parameter in its sharding (``m1jax.sharding`` rules) as it is read, instead
+    of on the default device. Raises CheckpointError naming any missing, unexpected or misshaped
+    tensor.
     """
     if dtype is not None:
         overrides["dtype"] = dtype
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     cfg = read_config(path, **overrides)
+    if mesh is not None:
+        shd.validate_model_for_mesh(cfg, shd.MeshConfig(**dict(mesh.shape)))
     reader = _Reader(path)
     abstract = nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -304,7 +310,8 @@ def load(path: str, dtype: str | None = None, param_dtype: str | None = None, **
     for key, var in flat:
         sds = var.get_value()
         x = _fetch(reader, cfg, _norm_path(key), sds.shape)
-        var.set_value(jnp.asarray(x, dtype=sds.dtype))
+        x = np.asarray(x, dtype=sds.dtype)
+        var.set_value(jnp.asarray(x) if mesh is None else jax.device_put(x, shd.param_sharding(var, mesh)))
         del x
     unused = reader.unused()
     if unused:

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from m1jax import sharding as shd
 from m1jax import storage
@@ -58,11 +58,7 @@ def _restore_target(model: MiniMaxM1, mesh: Mesh | None):
     state = nnx.state(model)
     for _, var in nnx.to_flat_state(state):
         v = var.get_value()
-        if mesh is None:
-            s = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        else:
-            axes = var.get_metadata().get("axes")
-            s = NamedSharding(mesh, P() if axes is None else shd.spec_for(axes, v.shape, mesh))
+        s = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else shd.param_sharding(var, mesh)
         var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
     return state
 
@@ -90,16 +86,17 @@ def restore_model(workdir: str, *, step: int | None = None, mesh: Mesh | None = 
     return nnx.merge(graphdef, state), step
 
 
-def load_model(path: str, **hf_overrides) -> MiniMaxM1:
+def load_model(path: str, *, mesh: Mesh | None = None, **hf_overrides) -> MiniMaxM1:
     """The model at ``path``: the latest checkpoint of a train.py run (local or gs://), or a
-    transformers/original MiniMax checkpoint directory (``m1jax.hf.load``)."""
+    transformers/original MiniMax checkpoint directory (``m1jax.hf.load``); with ``mesh``, every
+    parameter is placed in its sharding as it is read."""
     if storage.is_remote(path) or is_run_dir(path):
-        return restore_model(path)[0]
+        return restore_model(path, mesh=mesh)[0]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is neither a train.py run directory nor a MiniMax checkpoint directory.")
     from m1jax import hf
 
-    return hf.load(path, **hf_overrides)
+    return hf.load(path, mesh=mesh, **hf_overrides)
 
 
 def save_model(workdir: str, model: MiniMaxM1, step: int) -> None:

@@ -103,6 +103,50 @@ def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
     return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def mesh_from_config(section: Mapping[str, int] | None, devices=None) -> Mesh:
+    """The mesh of a config's ``mesh`` section (train.py, rollout.py): axis sizes, one of which may be
+    -1 for the devices the others leave. A mesh smaller than the device count takes the first
+    devices (the scripts print how many they use); a missing section is one device."""
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = dict(section or {})
+    free = [a for a, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise MeshError(f"mesh {sizes}: only one axis may be -1 (the devices the others leave), not {free}.")
+    if free:
+        rest = math.prod(v for a, v in sizes.items() if a != free[0] and isinstance(v, int) and v > 0)
+        if len(devices) % rest:
+            raise MeshError(f"mesh {sizes}: the other axes take {rest} devices, which does not divide the "
+                            f"{len(devices)} available.")
+        sizes[free[0]] = len(devices) // rest
+    mc = MeshConfig.from_dict(sizes)
+    if mc.size > len(devices):
+        raise MeshError(f"mesh {dict(zip(AXES, mc.shape))} needs {mc.size} devices but {len(devices)} are "
+                        f"available; choose sizes whose product is at most {len(devices)} (or set one axis to -1).")
+    return make_mesh(mc, devices[:mc.size])
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    """'mesh data=2 expert=4: 8 of 8 devices' (axes of size 1 left out)."""
+    axes = " ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "(none: one device)"
+    return f"mesh {axes}: {mesh.size} of {jax.device_count()} devices"
+
+
+def describe_params(model) -> str:
+    """'parameters: 5.1 MiB, 1.6 MiB on device 0' -- what sharding leaves a device (this process's
+    first) to hold."""
+    arrays = [x for x in jax.tree.leaves(nnx.state(model)) if isinstance(x, jax.Array)]
+    total = sum(x.nbytes for x in arrays)
+    dev = jax.local_devices()[0]
+    local = sum(s.data.nbytes for x in arrays for s in x.addressable_shards if s.device == dev)
+    return f"parameters: {total / 2**20:.1f} MiB, {local / 2**20:.1f} MiB on device {dev.id}"
+
+
+def param_sharding(var: nnx.Variable, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> NamedSharding:
+    """A variable's NamedSharding under the rules (replicated when it has no logical axes)."""
+    axes = var.get_metadata().get("axes")
+    return NamedSharding(mesh, P() if axes is None else spec_for(axes, var.get_value().shape, mesh, rules))
+
+
 def validate_model_for_mesh(cfg, mc: MeshConfig) -> None:
     """Fail at startup, before compiling, for a model that cannot run on this mesh."""
     if cfg.num_experts % mc.expert:
@@ -139,14 +183,8 @@ def spec_for(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: Mapping[str
 def state_shardings(state, mesh: Mesh, rules: Mapping[str, Any] = RULES):
     """NamedSharding for every variable of an nnx State (abstract or concrete)."""
 
-    def one(var):
-        axes = var.get_metadata().get("axes")
-        value = var.get_value()
-        if axes is None:
-            return NamedSharding(mesh, P())
-        return NamedSharding(mesh, spec_for(axes, value.shape, mesh, rules))
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda var: param_sharding(var, mesh, rules), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def create_sharded(make_model, mesh: Mesh, rules: Mapping[str, Any] = RULES):
@@ -197,3 +235,8 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def batch_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def batch_shards(mesh) -> int:
+    """How many ways the batch is split on ``mesh`` (data x fsdp x expert; 1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh))

@@ -95,6 +95,47 @@ def test_mesh_errors():
         shd.validate_model_for_mesh(CFG.replace(num_experts=6, num_experts_per_tok=2), shd.MeshConfig(expert=4))
 
 
+def test_mesh_from_config():
+    """train.py / rollout.py's mesh section: one axis may be -1 (the devices the others leave); a
+    smaller mesh takes the first devices; impossible ones fail naming the fix."""
+    mesh = shd.mesh_from_config({"data": -1, "expert": 2, "tensor": 2})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
+    assert shd.describe_mesh(mesh) == "mesh data=2 expert=2 tensor=2: 8 of 8 devices"
+    assert shd.batch_shards(mesh) == 4 and shd.batch_shards(None) == 1
+    one = shd.mesh_from_config({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
+    assert list(one.devices.flat) == jax.devices()[:1] and "one device" in shd.describe_mesh(one)
+    assert dict(shd.mesh_from_config(None).shape)["data"] == 1
+    assert list(shd.mesh_from_config({"expert": 4}).devices.flat) == jax.devices()[:4]
+    with pytest.raises(shd.MeshError, match="only one axis may be -1"):
+        shd.mesh_from_config({"data": -1, "fsdp": -1})
+    with pytest.raises(shd.MeshError, match="take 3 devices, which does not divide the 8"):
+        shd.mesh_from_config({"data": -1, "expert": 3})
+    with pytest.raises(shd.MeshError, match="needs 16 devices but 8 are available"):
+        shd.mesh_from_config({"data": 4, "expert": 4})
+    with pytest.raises(shd.MeshError, match="mesh.tensor: must be a positive integer"):
+        shd.mesh_from_config({"tensor": 0})
+
+
+def test_generate_on_a_mesh_pads_a_batch_it_does_not_divide(reference):
+    """3 prompts on a mesh with 8 batch shards: the rows are padded for the sharded programs and
+    dropped after; the greedy tokens and log-probs equal one device's."""
+    from m1jax.rollout import SamplingParams, generate
+
+    model1 = reference[0]
+    mesh = shd.make_mesh(MESHES["data2_expert4"])
+    model = shd.create_sharded(lambda: MiniMaxM1(CFG, rngs=nnx.Rngs(0)), mesh)
+    nnx.update(model, jax.device_put(nnx.state(model1), shd.state_shardings(nnx.state(model), mesh)))
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    params = SamplingParams(greedy=True, max_new_tokens=4)
+    with jax.set_mesh(mesh):
+        r = generate(model, prompts, params, num_samples=2, record_routing=True)
+    r1 = generate(model1, prompts, params, num_samples=2, record_routing=True)
+    assert r.tokens.shape == r1.tokens.shape == (6, 4) and r.prompt_routing.shape == r1.prompt_routing.shape
+    np.testing.assert_array_equal(np.asarray(r.tokens), np.asarray(r1.tokens))
+    np.testing.assert_array_equal(np.asarray(r.routing), np.asarray(r1.routing))
+    np.testing.assert_allclose(np.asarray(r.logprobs), np.asarray(r1.logprobs), atol=1e-5)
+
+
 @pytest.mark.parametrize("capacity", [None, 0.5])
 def test_expert_parallel_equals_dense_under_skewed_routing(capacity):
     """Routing biased so most tokens pick experts of one shard: dropless EP still equals dense;

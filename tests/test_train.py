@@ -3,6 +3,7 @@ bit-exactly, trains on JSONL prompts with math-verify and user rewards, stops on
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -198,3 +199,35 @@ def test_non_finite_updates_stop_the_run_after_k_in_a_row(tmp_path):
     sft = [m for m in metrics(tmp_path) if m["phase"] == "sft"]
     assert [m["finite"] for m in sft] == [True, False, False]
     assert sft[1]["sft_loss"] == sft[2]["sft_loss"]  # the skipped update left the parameters unchanged
+
+
+def test_train_on_a_mesh_matches_one_device_and_resumes(tmp_path):
+    """config.mesh: SFT and CISPO steps on (data=2, expert=2, tensor=2) over 8 fake CPU devices, sampling
+    on the same mesh and parameters, equal one device's losses; a crash resumes onto the mesh."""
+    args = ["--config.sft.steps=3", "--config.rl.steps=2", "--config.checkpoint.every=2"]
+    mesh = ["--config.mesh.data=2", "--config.mesh.expert=2", "--config.mesh.tensor=2"]
+    env8 = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    res = run(tmp_path / "one", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    crashed = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'mesh'}", *SMALL, *args, *mesh,
+                              "--config.crash_after_step=3"], capture_output=True, text=True, timeout=600, env=env8)
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr + crashed.stdout
+    assert "mesh data=2 expert=2 tensor=2: 8 of 8 devices" in crashed.stdout
+    held = [float(x) for x in re.search(r"parameters: ([\d.]+) MiB, ([\d.]+) MiB on device 0", crashed.stdout).groups()]
+    assert held[1] < held[0] / 2, held  # experts split over expert, MLP and heads over tensor
+    res = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'mesh'}", *SMALL, *args, *mesh],
+                         capture_output=True, text=True, timeout=600, env=env8)
+    assert res.returncode == 0 and "resumed from checkpoint step 2" in res.stdout, res.stderr[-3000:]
+    one, on_mesh = ({(m["step"], m["phase"]): m for m in metrics(tmp_path / d)} for d in ("one", "mesh"))
+    assert one.keys() == on_mesh.keys()
+    for key, m in one.items():
+        for name in ("sft_loss", "loss", "grad_norm", "reward_mean", "is_weight_mean"):
+            if name in m:
+                np.testing.assert_allclose(on_mesh[key][name], m[name], rtol=1e-5, atol=1e-8, err_msg=f"{key} {name}")
+    # a mesh the batch or the experts do not fit fails at startup, naming the setting
+    for flags, msg in [(["--config.mesh.expert=3", "--config.mesh.data=-1"], "take 3 devices, which does not divide"),
+                       (["--config.mesh.expert=8"], "mesh.expert=8 does not divide model.num_experts=4"),
+                       (["--config.mesh.data=8", "--config.sft.batch_size=12"], "sft.batch_size = 12 rows, not a multiple")]:
+        bad = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'bad'}", *SMALL, *flags],
+                             capture_output=True, text=True, timeout=600, env=env8)
+        assert bad.returncode != 0 and msg in bad.stderr, bad.stderr[-2000:]

@@ -18,6 +18,7 @@ from flax import nnx
 
 from m1jax.model import MiniMaxM1
 from m1jax.rollout.sampling import SamplingParams, sample
+from m1jax.sharding import batch_shards, current_mesh
 
 RUNNING, STOP, LENGTH, REPETITION = 0, 1, 2, 3
 FINISH_REASONS = {RUNNING: "running", STOP: "stop", LENGTH: "length", REPETITION: "repetition"}
@@ -221,6 +222,12 @@ def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int
         ids, mask = left_pad(prompts)
     else:
         ids, mask = np.asarray(prompts), np.asarray(prompt_mask)
+    # Under a mesh the rows are split over its batch axes: a batch they do not divide gets copies
+    # of its first prompt, sampled and dropped (the sharded lightning and MoE programs need equal shards).
+    b = ids.shape[0]
+    extra = -b % batch_shards(current_mesh())
+    if extra:
+        ids, mask = (np.concatenate([x, np.repeat(x[:1], extra, axis=0)]) for x in (ids, mask))
     width = ids.shape[1]
     if width > prefill_chunk and width % prefill_chunk:
         extra = prefill_chunk - width % prefill_chunk
@@ -230,4 +237,8 @@ def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int
     last, cache, n_real, prompt_routing = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
                                                   params.max_new_tokens, min(prefill_chunk, ids.shape[1]), kv_dtype)
     out = decode(graphdef, state, cache, last, n_real, ids.shape[1], key, params, num_samples, record_routing)
-    return out._replace(prompt_routing=prompt_routing) if record_routing else out
+    out = out._replace(prompt_routing=prompt_routing) if record_routing else out
+    if extra:
+        out = Rollout(*(None if x is None else x[:b * num_samples] for x in out[:-1]),
+                      None if out.prompt_routing is None else out.prompt_routing[:b])
+    return out
