@@ -35,6 +35,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from m1jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file (get_config())")
 _CKPT = flags.DEFINE_string("checkpoint", None, "transformers/original MiniMax directory, or a train.py run "
                             "directory (local or gs://)")
@@ -43,6 +45,7 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json or a directo
 _BOS = flags.DEFINE_bool("bos", False, "prepend the tokenizer's bos id to \"text\" prompts")
 _PROMPTS = flags.DEFINE_string("prompts", None, "input JSONL", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "output JSONL", required=True)
+_PROCESS_FLAGS = distributed.define_flags()  # multi-host: the same command on every host
 _RESUME = flags.DEFINE_bool("resume", False, "continue an interrupted --output: keep its finished batches and sample "
                             "the rest (without it, --output is overwritten)")
 
@@ -147,6 +150,25 @@ def finished_lines(path: str, batches: list[list], num_samples: int) -> tuple[se
     return done, [line for n, line in samples if n in done]
 
 
+def sample_lines(batch: list, r, num_samples: int, tok=None) -> list[str]:
+    """The output lines of one batch's Rollout ``r`` (fetched to the host): one per sample."""
+    from m1jax.rollout import FINISH_REASONS
+
+    lines = []
+    for row in range(len(batch) * num_samples):
+        index, ids = batch[row // num_samples]
+        length = int(r.lengths[row])
+        completion = r.tokens[row, :length].tolist()
+        text = {} if tok is None else {"completion_text": tok.decode(completion)}
+        lines.append(json.dumps({
+            "index": index, "sample": row % num_samples, "prompt_ids": ids, "completion_ids": completion, **text,
+            "logprobs": [round(float(x), 6) for x in r.logprobs[row, :length]],
+            "logprobs_truncated": [round(float(x), 6) for x in r.logprobs_truncated[row, :length]],
+            "finish_reason": FINISH_REASONS[int(r.finish_reason[row])],
+        }) + "\n")
+    return lines
+
+
 def write_atomically(path: str, lines: list[str]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -191,13 +213,16 @@ def load_model(checkpoint: str | None, config, mesh=None):
 
 def main(argv):
     del argv
+    distributed.maybe_initialize(*(f.value for f in _PROCESS_FLAGS))  # before any other JAX call
+    import contextlib
     import dataclasses
 
     import jax
+    import numpy as np
 
     from m1jax import sharding
     from m1jax import tokenizer as tokenizers
-    from m1jax.rollout import FINISH_REASONS, SamplingParams, generate
+    from m1jax.rollout import SamplingParams, generate
 
     config = _CONFIG.value
     ro = config.rollout
@@ -219,43 +244,36 @@ def main(argv):
     prompts = read_prompts(_PROMPTS.value, model.cfg.vocab_size, ro.max_prompt_len, tok, _BOS.value)
     good = [(i, ids) for i, ids, err in prompts if err is None]
     batches = plan_batches(good, ro.batch_size)
-    done, kept = finished_lines(_OUTPUT.value, batches, ro.num_samples) if _RESUME.value else (set(), [])
+    primary = distributed.is_primary()  # in a multi-process run process 0 reads and writes the output
+    done, kept = finished_lines(_OUTPUT.value, batches, ro.num_samples) if _RESUME.value and primary else (set(), [])
+    # every process samples the same batches (the generation is one program over all of them)
+    done = set(np.flatnonzero(distributed.from_primary(np.isin(np.arange(len(batches)), list(done)))).tolist())
     if done:
         print(f"--resume: keeping {len(done)} finished batches ({len(kept)} samples) of {_OUTPUT.value}",
               file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    errors = [json.dumps({"index": i, "error": err}) for i, _, err in prompts if err is not None]
-    write_atomically(_OUTPUT.value, errors + kept)
+    if primary:
+        os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+        errors = [json.dumps({"index": i, "error": err}) for i, _, err in prompts if err is not None]
+        write_atomically(_OUTPUT.value, errors + kept)
     start, tokens, finished = time.perf_counter(), 0, sum(len(batches[n]) for n in done)
     seed_key = jax.random.key(sp.seed)
-    with open(_OUTPUT.value, "a") as out:
+    with open(_OUTPUT.value, "a") if primary else contextlib.nullcontext() as out:
         for n, batch in enumerate(batches):
             if n in done:
                 continue
-            r = jax.device_get(generate(model, [ids for _, ids in batch], sp, num_samples=ro.num_samples,
-                                        key=jax.random.fold_in(seed_key, n), kv_dtype=ro.get("kv_dtype") or None))
-            lines = []
-            for row in range(len(batch) * ro.num_samples):
-                idx, ids = batch[row // ro.num_samples]
-                length = int(r.lengths[row])
-                tokens += length
-                completion = r.tokens[row, :length].tolist()
-                text = {} if tok is None else {"completion_text": tok.decode(completion)}
-                lines.append(json.dumps({
-                    "index": idx, "sample": row % ro.num_samples, "prompt_ids": ids,
-                    "completion_ids": completion, **text,
-                    "logprobs": [round(float(x), 6) for x in r.logprobs[row, :length]],
-                    "logprobs_truncated": [round(float(x), 6) for x in r.logprobs_truncated[row, :length]],
-                    "finish_reason": FINISH_REASONS[int(r.finish_reason[row])],
-                }) + "\n")
-            out.write("".join(lines))  # one batch at a time, synced: a crash loses at most the batch in flight
-            out.flush()
-            os.fsync(out.fileno())
+            r = distributed.fetch(generate(model, [ids for _, ids in batch], sp, num_samples=ro.num_samples,
+                                           key=jax.random.fold_in(seed_key, n), kv_dtype=ro.get("kv_dtype") or None))
+            tokens += int(r.lengths.sum())
             finished += len(batch)
-            progress(finished, len(good), start, tokens)
-    sys.stderr.write("\n")
-    print(f"wrote {len(good) * ro.num_samples} samples ({len(kept)} kept from the interrupted run, "
-          f"{len(prompts) - len(good)} prompts rejected) to {_OUTPUT.value}")
+            if out:  # one batch at a time, synced: a crash loses at most the batch in flight
+                out.write("".join(sample_lines(batch, r, ro.num_samples, tok)))
+                out.flush()
+                os.fsync(out.fileno())
+                progress(finished, len(good), start, tokens)
+    if primary:
+        sys.stderr.write("\n")
+        print(f"wrote {len(good) * ro.num_samples} samples ({len(kept)} kept from the interrupted run, "
+              f"{len(prompts) - len(good)} prompts rejected) to {_OUTPUT.value}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ workdir/checkpoints; running the same command again resumes from the latest chec
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -16,12 +17,18 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from m1jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/arith_cispo.py", "config file")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/arith", "output directory (checkpoints, metrics)")
+_PROCESS_FLAGS = distributed.define_flags()  # multi-host: the same command on every host
 
 
 def main(argv):
     del argv
+    from m1jax.distributed import fetch, is_primary
+
+    distributed.maybe_initialize(*(f.value for f in _PROCESS_FLAGS))  # before any other JAX call
     import dataclasses
     import functools
     import math
@@ -50,7 +57,9 @@ def main(argv):
 
     config = _CONFIG.value
     workdir = storage.prepare_dir(_WORKDIR.value)  # local path or gs://bucket/path
-    storage.write_text(storage.join(workdir, runs.CONFIG_FILE), config.to_json_best_effort(indent=2))
+    primary = is_primary()  # in a multi-process run only process 0 writes the logs and reports
+    if primary:
+        storage.write_text(storage.join(workdir, runs.CONFIG_FILE), config.to_json_best_effort(indent=2))
     # Everything is validated before anything compiles.
     cfg = model_config(config)
     sft_opt_cfg = OptimConfig.from_dict(config.sft_optim.to_dict(), "sft_optim")
@@ -163,7 +172,7 @@ def main(argv):
             rl_opt=ocp.args.StandardSave(pure(rl_opt)), meta=ocp.args.JsonSave(meta)))
 
     # ---------------------------------------------------------------- evaluation
-    bar = ProgressBar(total_steps(), start, every=config.log_every)
+    bar = ProgressBar(total_steps(), start, every=config.log_every, stream=None if primary else io.StringIO())
     eval_set = task.eval_set
     greedy = SamplingParams(greedy=True, max_new_tokens=task.max_new_tokens, stop_token_ids=(tok.eos_id,))
     sampling = SamplingParams(temperature=rl.temperature, max_new_tokens=task.max_new_tokens,
@@ -173,7 +182,7 @@ def main(argv):
         """Completions of problems, prompts left-padded to task.max_prompt_len (one compiled shape)."""
         ids, mask = left_pad([p.prompt_ids for p in probs], tok.pad_id)
         pad = ((0, 0), (task.max_prompt_len - ids.shape[1], 0))
-        return jax.device_get(generate(model, np.pad(ids, pad, constant_values=tok.pad_id), params,
+        return fetch(generate(model, np.pad(ids, pad, constant_values=tok.pad_id), params,
                                        num_samples=num_samples, key=key, prompt_mask=np.pad(mask, pad)))
 
     def score(probs, r, g):
@@ -190,11 +199,14 @@ def main(argv):
         """Held-out greedy pass@1: a completion passes when its reward is > 0."""
         return float(np.mean(np.asarray(score(eval_set, sample(eval_set, greedy), 1).scores) > 0))
 
-    storage.prepare_dir(storage.join(workdir, "tb"))
-    metrics = MetricsWriter(
-        storage.open_append(storage.join(workdir, "metrics.jsonl")),
-        EventFileWriter(storage.open_append(storage.join(workdir, "tb", event_file_name()), binary=True),
-                        resume_step=start if start else None))
+    if primary:
+        storage.prepare_dir(storage.join(workdir, "tb"))
+        metrics = MetricsWriter(
+            storage.open_append(storage.join(workdir, "metrics.jsonl")),
+            EventFileWriter(storage.open_append(storage.join(workdir, "tb", event_file_name()), binary=True),
+                            resume_step=start if start else None))
+    else:
+        metrics = MetricsWriter(io.StringIO())
     log = metrics.write
 
     nonfinite = 0
@@ -213,7 +225,7 @@ def main(argv):
     while step < total_steps():
         if meta["sft_end"] is None:  # ------------------------------------------------------ SFT
             ids, mask = sft_batch(next(sft_it), tok, width)
-            m = jax.device_get(sft_step(model, sft_opt, jnp.asarray(ids), jnp.asarray(mask)))
+            m = fetch(sft_step(model, sft_opt, jnp.asarray(ids), jnp.asarray(mask)))
             last = step == config.sft.steps - 1
             if step % config.log_every == 0 or last or not m["finite"]:
                 log({"step": step, "phase": "sft", **m})
@@ -269,7 +281,7 @@ def main(argv):
                                                       np.concatenate(kept_logp[:n]), lengths, width, tok.pad_id)
                 adv = group_advantages(np.asarray(kept_rewards[:n]), rl.advantage_std).reshape(-1).astype(np.float32)
                 # The sampling policy on its own samples (the trainer's forward, before the updates).
-                lp_now, entropy = jax.device_get(policy_stats(model, jnp.asarray(ids), rl.temperature))
+                lp_now, entropy = fetch(policy_stats(model, jnp.asarray(ids), rl.temperature))
                 rec["entropy"] = float(entropy[comp].mean())
                 rec["logprob_corr"] = float(np.corrcoef(lp_now[comp], sampler_lp[comp])[0, 1]) if comp.sum() > 1 else 1.0
                 old = sampler_lp
@@ -286,7 +298,7 @@ def main(argv):
                     for rows in mb_rows:
                         w = token_weights(jnp.asarray(comp[rows]), jnp.asarray(np.unique(groups[rows], return_inverse=True)[1]),
                                           loss_cfg.aggregation)
-                        m = jax.device_get(cispo_step(model, rl_opt, jnp.asarray(ids[rows]), jnp.asarray(comp[rows]),
+                        m = fetch(cispo_step(model, rl_opt, jnp.asarray(ids[rows]), jnp.asarray(comp[rows]),
                                                       jnp.asarray(old[rows]), jnp.asarray(adv[rows]), w, loss_cfg,
                                                       jnp.asarray(sampler_lp[rows]), temperature=rl.temperature))
                         count_nonfinite(m["finite"], step)
@@ -319,11 +331,12 @@ def main(argv):
     result = {"pass_at_1_before_rl": before, "pass_at_1_after_rl": after,
               "gain_points": None if before is None else 100 * (after - before),
               "eval_size": len(eval_set), "wall_s": time.perf_counter() - t_start}
-    storage.write_text(storage.join(workdir, "eval.json"), json.dumps(result, indent=2))
     log({"step": total_steps(), "phase": "eval", "pass_at_1": after})
     metrics.close()
     bar.message(f"held-out pass@1: {before} after SFT -> {after:.3f} after RL")
-    _plot(workdir)
+    if primary:
+        storage.write_text(storage.join(workdir, "eval.json"), json.dumps(result, indent=2))
+        _plot(workdir)
 
 
 def _plot(workdir):

@@ -2,9 +2,12 @@
 
 ``maybe_initialize()`` calls ``jax.distributed.initialize`` when the launcher says so:
   * explicit: M1JAX_COORDINATOR=host:port, M1JAX_NUM_PROCESSES=N, M1JAX_PROCESS_ID=i
-    (or the same as train.py flags --coordinator, --num_processes, --process_id);
+    (or train.py's and rollout.py's flags --coordinator, --num_processes, --process_id);
   * cluster auto-detection (TPU pods, SLURM, Open MPI): M1JAX_DISTRIBUTED=auto.
 Single-process runs need nothing. Must run before any other JAX call.
+
+Every process runs the same program on the same (host) data; ``fetch`` brings a result back to each
+of them, and only the primary process writes a run's logs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 
 def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -31,3 +35,40 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
         jax.distributed.initialize()
         return True
     return False
+
+
+def define_flags():
+    """A script's --coordinator, --num_processes, --process_id (absl flags; the M1JAX_* variables
+    stand in for any left unset): ``maybe_initialize(*(f.value for f in define_flags()))``."""
+    from absl import flags
+
+    return (flags.DEFINE_string("coordinator", None, "host:port of process 0, for a multi-process run"),
+            flags.DEFINE_integer("num_processes", None, "processes in a multi-process run"),
+            flags.DEFINE_integer("process_id", None, "this process's index in a multi-process run"))
+
+
+def from_primary(x: np.ndarray) -> np.ndarray:
+    """Process 0's value of ``x`` on every process (what one host read, e.g. from a local file)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes logs, metrics and reports (orbax coordinates checkpoints itself)."""
+    return jax.process_index() == 0
+
+
+def fetch(tree):
+    """``jax.device_get`` for multi-process runs too: an array sharded over other processes' devices
+    is gathered, so every process gets the whole value (a collective: all processes call it)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
