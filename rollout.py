@@ -165,7 +165,7 @@ def sample_lines(batch: list, r, num_samples: int, tok=None) -> list[str]:
             "logprobs": [round(float(x), 6) for x in r.logprobs[row, :length]],
             "logprobs_truncated": [round(float(x), 6) for x in r.logprobs_truncated[row, :length]],
             "finish_reason": FINISH_REASONS[int(r.finish_reason[row])],
-        }) + "\n")
+        }))
     return lines
 
 
@@ -266,7 +266,7 @@ def main(argv):
             tokens += int(r.lengths.sum())
             finished += len(batch)
             if out:  # one batch at a time, synced: a crash loses at most the batch in flight
-                out.write("".join(sample_lines(batch, r, ro.num_samples, tok)))
+                out.write("".join(line + "\n" for line in sample_lines(batch, r, ro.num_samples, tok)))
                 out.flush()
                 os.fsync(out.fileno())
                 progress(finished, len(good), start, tokens)

@@ -26,9 +26,8 @@ _PROCESS_FLAGS = distributed.define_flags()  # multi-host: the same command on e
 
 def main(argv):
     del argv
-    from m1jax.distributed import fetch, is_primary
-
     distributed.maybe_initialize(*(f.value for f in _PROCESS_FLAGS))  # before any other JAX call
+    fetch = distributed.fetch  # device_get that gathers what other processes' devices hold
     import dataclasses
     import functools
     import math
@@ -57,7 +56,7 @@ def main(argv):
 
     config = _CONFIG.value
     workdir = storage.prepare_dir(_WORKDIR.value)  # local path or gs://bucket/path
-    primary = is_primary()  # in a multi-process run only process 0 writes the logs and reports
+    primary = distributed.is_primary()  # in a multi-process run only process 0 writes the logs and reports
     if primary:
         storage.write_text(storage.join(workdir, runs.CONFIG_FILE), config.to_json_best_effort(indent=2))
     # Everything is validated before anything compiles.
@@ -86,7 +85,8 @@ def main(argv):
     # A training step's rows are split evenly over the mesh's batch shards (sampling pads itself).
     shards, g = sharding.batch_shards(mesh), rl.samples_per_prompt
     for key, rows in (("sft.batch_size", config.sft.batch_size),
-                      ("rl.prompts_per_step * rl.samples_per_prompt / rl.minibatches", rl.prompts_per_step * g // rl.minibatches)):
+                      ("rl.prompts_per_step * rl.samples_per_prompt / rl.minibatches",
+                       rl.prompts_per_step * g // rl.minibatches)):
         if rows % shards:
             raise ValueError(f"{key} = {rows} rows, not a multiple of the mesh's {shards} batch shards "
                              "(mesh.data * mesh.fsdp * mesh.expert): change one or the other.")
@@ -183,7 +183,7 @@ def main(argv):
         ids, mask = left_pad([p.prompt_ids for p in probs], tok.pad_id)
         pad = ((0, 0), (task.max_prompt_len - ids.shape[1], 0))
         return fetch(generate(model, np.pad(ids, pad, constant_values=tok.pad_id), params,
-                                       num_samples=num_samples, key=key, prompt_mask=np.pad(mask, pad)))
+                              num_samples=num_samples, key=key, prompt_mask=np.pad(mask, pad)))
 
     def score(probs, r, g):
         """Rewards of the g samples of each problem (rows i*g ... i*g+g-1); failures print and score 0."""

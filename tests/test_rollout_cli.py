@@ -130,7 +130,8 @@ def test_rollout_cli_rejects_a_bad_rollout_config_before_loading(tmp_path):
 
 
 def test_rollout_cli_bf16_kv_cache(tmp_path):
-    """rollout.kv_dtype=bfloat16 samples with a bf16 KV cache: greedy tokens of the tiny model equal the fp32 cache's."""
+    """rollout.kv_dtype=bfloat16 samples with a bf16 KV cache: the tiny model's greedy tokens equal the
+    fp32 cache's."""
     ckpt = tmp_path / "ckpt"
     tiny_hf_model().save_pretrained(ckpt)
     prompts = tmp_path / "prompts.jsonl"

@@ -227,7 +227,8 @@ def test_train_on_a_mesh_matches_one_device_and_resumes(tmp_path):
     # a mesh the batch or the experts do not fit fails at startup, naming the setting
     for flags, msg in [(["--config.mesh.expert=3", "--config.mesh.data=-1"], "take 3 devices, which does not divide"),
                        (["--config.mesh.expert=8"], "mesh.expert=8 does not divide model.num_experts=4"),
-                       (["--config.mesh.data=8", "--config.sft.batch_size=12"], "sft.batch_size = 12 rows, not a multiple")]:
+                       (["--config.mesh.data=8", "--config.sft.batch_size=12"],
+                        "sft.batch_size = 12 rows, not a multiple")]:
         bad = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'bad'}", *SMALL, *flags],
                              capture_output=True, text=True, timeout=600, env=env8)
         assert bad.returncode != 0 and msg in bad.stderr, bad.stderr[-2000:]

@@ -225,9 +225,9 @@ def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int
     # Under a mesh the rows are split over its batch axes: a batch they do not divide gets copies
     # of its first prompt, sampled and dropped (the sharded lightning and MoE programs need equal shards).
     b = ids.shape[0]
-    extra = -b % batch_shards(current_mesh())
-    if extra:
-        ids, mask = (np.concatenate([x, np.repeat(x[:1], extra, axis=0)]) for x in (ids, mask))
+    pad_rows = -b % batch_shards(current_mesh())
+    if pad_rows:
+        ids, mask = (np.concatenate([x, np.repeat(x[:1], pad_rows, axis=0)]) for x in (ids, mask))
     width = ids.shape[1]
     if width > prefill_chunk and width % prefill_chunk:
         extra = prefill_chunk - width % prefill_chunk
@@ -238,7 +238,7 @@ def generate(model: MiniMaxM1, prompts, params: SamplingParams, num_samples: int
                                                   params.max_new_tokens, min(prefill_chunk, ids.shape[1]), kv_dtype)
     out = decode(graphdef, state, cache, last, n_real, ids.shape[1], key, params, num_samples, record_routing)
     out = out._replace(prompt_routing=prompt_routing) if record_routing else out
-    if extra:
+    if pad_rows:
         out = Rollout(*(None if x is None else x[:b * num_samples] for x in out[:-1]),
                       None if out.prompt_routing is None else out.prompt_routing[:b])
     return out
