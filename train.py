@@ -121,11 +121,8 @@ def main(argv):
         raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every}: the threshold must be "
                          "in (0, 1] and the interval >= 1 step (or set stop_at_pass_at_1=None to run all sft.steps).")
 
-    if mesh.size > 1:  # sampling and training on one mesh: parameters (and so optimizer state) sharded
-        jax.set_mesh(mesh)
-        model = sharding.create_sharded(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed)), mesh)
-    else:  # one device: built eagerly, as the default job's calibration was (jit init differs by ulps)
-        model = MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed))
+    # sampling and training on one mesh: parameters (and so the optimizer state) sharded
+    model = sharding.build_on_mesh(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed)), mesh)
     print(sharding.describe_params(model), flush=True)
     sft_opt = nnx.Optimizer(model, make_optimizer(sft_opt_cfg), wrt=nnx.Param)
     rl_opt = nnx.Optimizer(model, make_optimizer(rl_opt_cfg), wrt=nnx.Param)

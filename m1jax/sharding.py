@@ -197,6 +197,17 @@ def create_sharded(make_model, mesh: Mesh, rules: Mapping[str, Any] = RULES):
     return nnx.merge(graphdef, state)
 
 
+def build_on_mesh(make_model, mesh: Mesh):
+    """For a script or notebook that runs on ``mesh``: with several devices, make it the current
+    mesh (``jax.set_mesh``: what follows runs sharded, the MoE expert-parallel) and create
+    ``make_model()`` straight into its shardings; with one, build the model eagerly, as is (jit-built
+    parameters differ from eager ones by float rounding, and single-device results stay as they were)."""
+    if mesh.size == 1:
+        return make_model()
+    jax.set_mesh(mesh)
+    return create_sharded(make_model, mesh)
+
+
 def current_mesh():
     """The mesh set with ``jax.set_mesh`` (abstract inside jit), or None when there is none."""
     mesh = jax.sharding.get_abstract_mesh()
