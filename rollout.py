@@ -17,7 +17,9 @@ A prompt that is unreadable, empty, too long (config.rollout.max_prompt_len) or 
 the vocabulary is written to the output with an "error" and skipped; the others proceed. Each output
 line is one sample: prompt index, sample index, prompt and completion ids, the decoded completion
 ("completion_text", with a tokenizer), per-token sampler log-probs (full-vocabulary and truncated;
-see m1jax/rollout/sampling.py) and the finish reason (stop, length, repetition).
+see m1jax/rollout/sampling.py) and the finish reason (stop, length, repetition); with
+config.rollout.record_routing, also the top-k expert ids of every prompt and completion token in
+every layer ("prompt_routing", "routing": [token][layer][k]), for routing replay in training.
 
 Prompts are sampled in batches of config.rollout.batch_size, each written (and synced) as soon as it
 is done, with a key of its own (the seed folded with the batch's number). --resume continues an
@@ -103,6 +105,8 @@ def check_rollout_config(ro) -> None:
         value = ro.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"rollout.{key}={value!r}: must be an integer >= 1.")
+    if not isinstance(ro.get("record_routing", False), bool):
+        raise ValueError(f"rollout.record_routing={ro.record_routing!r}: must be True or False.")
     kv = ro.get("kv_dtype", "")
     if kv not in ("", "float32", "bfloat16"):
         raise ValueError(f"rollout.kv_dtype={kv!r}: use '' (the model's compute dtype), 'float32' or 'bfloat16'.")
@@ -165,6 +169,9 @@ def sample_lines(batch: list, r, num_samples: int, tok=None) -> list[str]:
             "logprobs": [round(float(x), 6) for x in r.logprobs[row, :length]],
             "logprobs_truncated": [round(float(x), 6) for x in r.logprobs_truncated[row, :length]],
             "finish_reason": FINISH_REASONS[int(r.finish_reason[row])],
+            **({} if r.routing is None else {  # [token][layer][k] expert ids, for routing replay
+                "prompt_routing": r.prompt_routing[row // num_samples, r.prompt_routing.shape[1] - len(ids):].tolist(),
+                "routing": r.routing[row, :length].tolist()}),
         }))
     return lines
 
@@ -262,7 +269,8 @@ def main(argv):
             if n in done:
                 continue
             r = distributed.fetch(generate(model, [ids for _, ids in batch], sp, num_samples=ro.num_samples,
-                                           key=jax.random.fold_in(seed_key, n), kv_dtype=ro.get("kv_dtype") or None))
+                                           key=jax.random.fold_in(seed_key, n), kv_dtype=ro.get("kv_dtype") or None,
+                                           record_routing=ro.get("record_routing", False)))
             tokens += int(r.lengths.sum())
             finished += len(batch)
             if out:  # one batch at a time, synced: a crash loses at most the batch in flight

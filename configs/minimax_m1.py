@@ -49,7 +49,11 @@ def get_config():
         dict(temperature=1.0, top_p=1.0, top_k=0, greedy=False, max_new_tokens=40960, stop_token_ids=(),
              repetition_window=3000, repetition_prob=0.99, seed=0)
     )
-    c.rollout = ml_collections.ConfigDict(dict(batch_size=16, num_samples=16, max_prompt_len=8192, kv_dtype=""))
+    c.rollout = ml_collections.ConfigDict(dict(
+        batch_size=16, num_samples=16, max_prompt_len=8192,
+        kv_dtype="",  # "bfloat16": the softmax layers' KV caches in bf16 ("" = the compute dtype)
+        record_routing=False,  # also write every token's top-k expert ids (routing replay)
+    ))
     # 8-way expert parallelism (4 of the 32 experts per device), FSDP over all the other devices
     # (`python -m m1jax.plan` checks a pod shape's memory before a run).
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=8, tensor=1))

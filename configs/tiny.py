@@ -43,6 +43,10 @@ def get_config():
         dict(temperature=1.0, top_p=1.0, top_k=0, greedy=False, max_new_tokens=64, stop_token_ids=(),
              repetition_window=0, repetition_prob=0.99, seed=0)
     )
-    c.rollout = ml_collections.ConfigDict(dict(batch_size=8, num_samples=1, max_prompt_len=1024, kv_dtype=""))
+    c.rollout = ml_collections.ConfigDict(dict(
+        batch_size=8, num_samples=1, max_prompt_len=1024,
+        kv_dtype="",  # "bfloat16": the softmax layers' KV caches in bf16 ("" = the compute dtype)
+        record_routing=False,  # also write every token's top-k expert ids (routing replay)
+    ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # one axis may be -1: the rest
     return c

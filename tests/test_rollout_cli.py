@@ -171,3 +171,28 @@ def test_rollout_cli_on_a_mesh(tmp_path):
     for a, b in zip(rows["one"], rows["mesh"]):
         assert a["completion_ids"] == b["completion_ids"]
         np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-5)
+
+
+def test_rollout_cli_records_routing(tmp_path):
+    """rollout.record_routing writes each prompt and completion token's top-k expert ids per layer,
+    equal to a full forward pass's routing of the sequence."""
+    import jax.numpy as jnp
+
+    from m1jax import hf
+
+    ckpt = tmp_path / "ckpt"
+    tiny_hf_model().save_pretrained(ckpt)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt_ids": [5, 6, 7, 8, 9]}) + "\n" + json.dumps({"prompt_ids": [1, 2, 3]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    res = _rollout(ckpt, prompts, out, "--config.sampling.greedy=True", "--config.rollout.batch_size=2",
+                   "--config.rollout.record_routing=True")
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = hf.load(str(ckpt))
+    for row in map(json.loads, out.read_text().splitlines()):
+        prompt, completion = row["prompt_ids"], row["completion_ids"]
+        assert len(row["prompt_routing"]) == len(prompt) and len(row["routing"]) == len(completion)
+        stats = model.forward(jnp.asarray([prompt + completion])).router_stats  # expert_ids [L, T, k]
+        ref = np.sort(np.asarray(stats.expert_ids), -1).transpose(1, 0, 2)  # [T, L, k]
+        np.testing.assert_array_equal(np.sort(row["prompt_routing"], -1), ref[:len(prompt)])
+        np.testing.assert_array_equal(np.sort(row["routing"], -1), ref[len(prompt):])
