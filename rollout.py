@@ -45,8 +45,8 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "transformers/original MiniMax d
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json or a directory with one, 'arith' or "
                                  "'chars:...' (default: the checkpoint directory's tokenizer.json, if any)")
 _BOS = flags.DEFINE_bool("bos", False, "prepend the tokenizer's bos id to \"text\" prompts")
-_PROMPTS = flags.DEFINE_string("prompts", None, "input JSONL", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "output JSONL", required=True)
+_PROMPTS = flags.DEFINE_string("prompts", None, "input JSONL (local or gs://)", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "output JSONL (local or gs://)", required=True)
 _PROCESS_FLAGS = distributed.define_flags()  # multi-host: the same command on every host
 _RESUME = flags.DEFINE_bool("resume", False, "continue an interrupted --output: keep its finished batches and sample "
                             "the rest (without it, --output is overwritten)")
@@ -77,25 +77,26 @@ def prompt_ids(rec: dict, tokenizer=None, bos: bool = False) -> list[int]:
 
 def read_prompts(path: str, vocab_size: int, max_len: int, tokenizer=None, bos: bool = False):
     """[(index, ids or None, error or None)] -- bad prompts carry an error, never raise."""
+    from m1jax import storage
+
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                ids = prompt_ids(json.loads(line), tokenizer, bos)
-            except (ValueError, KeyError, TypeError, IndexError) as e:
-                out.append((i, None, f"unreadable prompt: {e}"))
-                continue
-            if not ids:
-                out.append((i, None, "empty prompt"))
-            elif len(ids) > max_len:
-                out.append((i, None, f"prompt has {len(ids)} tokens > rollout.max_prompt_len={max_len}"))
-            elif any(x < 0 or x >= vocab_size for x in ids):
-                bad = sorted({x for x in ids if x < 0 or x >= vocab_size})[:5]
-                out.append((i, None, f"token ids {bad} outside the vocabulary [0, {vocab_size})"))
-            else:
-                out.append((i, ids, None))
+    for i, line in enumerate(storage.read_text(path).split("\n")):  # not splitlines: JSON may hold \u2028
+        if not line.strip():
+            continue
+        try:
+            ids = prompt_ids(json.loads(line), tokenizer, bos)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            out.append((i, None, f"unreadable prompt: {e}"))
+            continue
+        if not ids:
+            out.append((i, None, "empty prompt"))
+        elif len(ids) > max_len:
+            out.append((i, None, f"prompt has {len(ids)} tokens > rollout.max_prompt_len={max_len}"))
+        elif any(x < 0 or x >= vocab_size for x in ids):
+            bad = sorted({x for x in ids if x < 0 or x >= vocab_size})[:5]
+            out.append((i, None, f"token ids {bad} outside the vocabulary [0, {vocab_size})"))
+        else:
+            out.append((i, ids, None))
     return out
 
 
@@ -124,10 +125,11 @@ def finished_lines(path: str, batches: list[list], num_samples: int) -> tuple[se
     A torn last line and the lines of a partly written batch are not kept (that batch is sampled
     again). A sample these prompts and ``num_samples`` cannot have produced raises ValueError: the
     file was written for other prompts or settings."""
-    if not os.path.exists(path):
+    from m1jax import storage
+
+    if not storage.exists(path):
         return set(), []
-    with open(path) as f:
-        lines = f.read().split("\n")[:-1]  # the last piece is "" or a torn line
+    lines = storage.read_text(path).split("\n")[:-1]  # the last piece is "" or a torn line
     batch_of = {index: n for n, batch in enumerate(batches) for index, _ in batch}
     ids_of = {index: ids for batch in batches for index, ids in batch}
     written: dict[int, set] = {}
@@ -177,6 +179,12 @@ def sample_lines(batch: list, r, num_samples: int, tok=None) -> list[str]:
 
 
 def write_atomically(path: str, lines: list[str]) -> None:
+    """``lines`` as the whole file at ``path``, replaced at once (a gs:// object is written whole)."""
+    from m1jax import storage
+
+    if storage.is_remote(path):
+        storage.write_text(path, "".join(line + "\n" for line in lines))
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("".join(line + "\n" for line in lines))
@@ -227,13 +235,14 @@ def main(argv):
     import jax
     import numpy as np
 
-    from m1jax import sharding
+    from m1jax import sharding, storage
     from m1jax import tokenizer as tokenizers
     from m1jax.rollout import SamplingParams, generate
 
     config = _CONFIG.value
     ro = config.rollout
     check_rollout_config(ro)
+    storage.check_bucket(_OUTPUT.value)  # a gs:// output's bucket must exist: fail before any work
     mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
     print(sharding.describe_mesh(mesh), file=sys.stderr)
     tok = None
@@ -259,12 +268,13 @@ def main(argv):
         print(f"--resume: keeping {len(done)} finished batches ({len(kept)} samples) of {_OUTPUT.value}",
               file=sys.stderr)
     if primary:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+        if not storage.is_remote(_OUTPUT.value):
+            os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
         errors = [json.dumps({"index": i, "error": err}) for i, _, err in prompts if err is not None]
         write_atomically(_OUTPUT.value, errors + kept)
     start, tokens, finished = time.perf_counter(), 0, sum(len(batches[n]) for n in done)
     seed_key = jax.random.key(sp.seed)
-    with open(_OUTPUT.value, "a") if primary else contextlib.nullcontext() as out:
+    with storage.open_append(_OUTPUT.value) if primary else contextlib.nullcontext() as out:
         for n, batch in enumerate(batches):
             if n in done:
                 continue
@@ -275,8 +285,9 @@ def main(argv):
             finished += len(batch)
             if out:  # one batch at a time, synced: a crash loses at most the batch in flight
                 out.write("".join(line + "\n" for line in sample_lines(batch, r, ro.num_samples, tok)))
-                out.flush()
-                os.fsync(out.fileno())
+                out.flush()  # durable on gs:// (the object is rewritten); local files are also synced:
+                if not storage.is_remote(_OUTPUT.value):
+                    os.fsync(out.fileno())
                 progress(finished, len(good), start, tokens)
     if primary:
         sys.stderr.write("\n")

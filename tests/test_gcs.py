@@ -104,6 +104,18 @@ def test_rollout_from_gcs_checkpoint(gcs_run, tmp_path):
     r = jax.device_get(generate(model, [rows[0]["prompt_ids"]], sp))
     assert rows[0]["completion_ids"] == r.tokens[0, :r.lengths[0]].tolist()
     assert rows[0]["completion_text"] == arith.decode(rows[0]["completion_ids"])
+    # prompts and output on gs:// too: the same file; --resume there keeps it whole
+    remote_prompts, remote_out = f"gs://{BUCKET}/rollout/prompts.jsonl", f"gs://{BUCKET}/rollout/out.jsonl"
+    storage.write_text(remote_prompts, prompts.read_text())
+    for extra in ([], ["--resume"]):
+        res = subprocess.run([sys.executable, "rollout.py", f"--checkpoint={gcs_run}", "--tokenizer=arith", "--bos",
+                              f"--prompts={remote_prompts}", f"--output={remote_out}", "--config.sampling.greedy=True",
+                              "--config.sampling.max_new_tokens=4", *extra],
+                             capture_output=True, text=True, timeout=300, env={**ENV, **_gcs_env()})
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert storage.read_text(remote_out) == out.read_text()
+    assert "keeping 1 finished batches (2 samples)" in res.stderr
+    assert not os.path.exists("gs:")
 
 
 def test_missing_bucket_or_checkpoint_is_a_clear_error(gcs, tmp_path):  # noqa: F811
@@ -117,6 +129,11 @@ def test_missing_bucket_or_checkpoint_is_a_clear_error(gcs, tmp_path):  # noqa: 
         runs.checkpoint_manager(f"gs://{BUCKET}/no-ckpt")
     with pytest.raises(storage.StorageError, match="bucket gs://nope of gs://nope/run does not exist"):
         runs.restore_model("gs://nope/run")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt_ids": [1, 2]}) + "\n")
+    res = subprocess.run([sys.executable, "rollout.py", f"--prompts={prompts}", "--output=gs://nope/out.jsonl"],
+                         capture_output=True, text=True, timeout=300, env={**ENV, **_gcs_env()})
+    assert res.returncode != 0 and "bucket gs://nope of gs://nope/out.jsonl does not exist" in res.stderr
 
 
 def test_save_model_replaces_a_step_and_restores_on_gcs(gcs):  # noqa: F811
