@@ -21,7 +21,8 @@ see m1jax/rollout/sampling.py) and the finish reason (stop, length, repetition);
 config.rollout.record_routing, also the top-k expert ids of every prompt and completion token in
 every layer ("prompt_routing", "routing": [token][layer][k]), for routing replay in training.
 
-Prompts are sampled in batches of config.rollout.batch_size, each written (and synced) as soon as it
+Prompts are sampled in batches of config.rollout.batch_size (in file order, or by length with
+config.rollout.sort_by_length: less left padding to prefill and attend over), each written (and synced) as soon as it
 is done, with a key of its own (the seed folded with the batch's number). --resume continues an
 interrupted output: it keeps the finished batches, drops a partly written one, and samples the rest;
 with the same prompts, config and seed the file ends byte for byte as one uninterrupted run's.
@@ -34,6 +35,7 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -106,17 +108,39 @@ def check_rollout_config(ro) -> None:
         value = ro.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"rollout.{key}={value!r}: must be an integer >= 1.")
-    if not isinstance(ro.get("record_routing", False), bool):
-        raise ValueError(f"rollout.record_routing={ro.record_routing!r}: must be True or False.")
+    for key in ("record_routing", "sort_by_length"):
+        if not isinstance(ro.get(key, False), bool):
+            raise ValueError(f"rollout.{key}={ro[key]!r}: must be True or False.")
     kv = ro.get("kv_dtype", "")
     if kv not in ("", "float32", "bfloat16"):
         raise ValueError(f"rollout.kv_dtype={kv!r}: use '' (the model's compute dtype), 'float32' or 'bfloat16'.")
 
 
-def plan_batches(good: list, batch_size: int) -> list[list]:
-    """The valid prompts [(index, ids)] in batches of ``batch_size``, in file order: the same batches,
-    and so the same keys, in a resumed run as in an uninterrupted one."""
-    return [good[b:b + batch_size] for b in range(0, len(good), batch_size)]
+def plan_batches(good: list, batch_size: int, by_length: bool = False) -> list[list]:
+    """The valid prompts [(index, ids)] in batches of ``batch_size``: in file order, or with
+    ``by_length`` sorted by length (ties in file order) so that a batch's prompts need little left
+    padding. Deterministic: the same batches, and so the same keys, in a resumed run."""
+    order = sorted(good, key=lambda p: len(p[1])) if by_length else good
+    return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+
+def padded_batch(batch: list, rows: int, prefill_chunk: int = 2048):
+    """(ids, mask) of a batch's prompts, left-padded to a bucketed width -- a power of two from 16 up
+    to ``prefill_chunk``, then a multiple of it -- and, with copies of its first prompt, to ``rows``
+    rows: batches of the same bucket reuse one compiled prefill and decode, where each new width or
+    batch size would compile both again (seconds on CPU, far longer for a large model)."""
+    from m1jax.rollout import left_pad
+
+    ids, mask = left_pad([ids for _, ids in batch])
+    width = ids.shape[1]
+    if width <= prefill_chunk:
+        bucket = min(max(16, 1 << (width - 1).bit_length()), prefill_chunk)
+    else:
+        bucket = -(-width // prefill_chunk) * prefill_chunk
+    pad = ((0, rows - len(batch)), (bucket - width, 0))
+    ids, mask = np.pad(ids, pad), np.pad(mask, pad)
+    ids[len(batch):], mask[len(batch):] = ids[0], mask[0]
+    return ids, mask
 
 
 def finished_lines(path: str, batches: list[list], num_samples: int) -> tuple[set[int], list[str]]:
@@ -157,7 +181,8 @@ def finished_lines(path: str, batches: list[list], num_samples: int) -> tuple[se
 
 
 def sample_lines(batch: list, r, num_samples: int, tok=None) -> list[str]:
-    """The output lines of one batch's Rollout ``r`` (fetched to the host): one per sample."""
+    """The output lines of one batch's Rollout ``r`` (fetched to the host): one per sample of the
+    batch's prompts (rows past them, ``padded_batch``'s padding, are left out)."""
     from m1jax.rollout import FINISH_REASONS
 
     lines = []
@@ -233,7 +258,6 @@ def main(argv):
     import dataclasses
 
     import jax
-    import numpy as np
 
     from m1jax import sharding, storage
     from m1jax import tokenizer as tokenizers
@@ -259,7 +283,7 @@ def main(argv):
     print(sharding.describe_params(model), file=sys.stderr)
     prompts = read_prompts(_PROMPTS.value, model.cfg.vocab_size, ro.max_prompt_len, tok, _BOS.value)
     good = [(i, ids) for i, ids, err in prompts if err is None]
-    batches = plan_batches(good, ro.batch_size)
+    batches = plan_batches(good, ro.batch_size, ro.get("sort_by_length", False))
     primary = distributed.is_primary()  # in a multi-process run process 0 reads and writes the output
     done, kept = finished_lines(_OUTPUT.value, batches, ro.num_samples) if _RESUME.value and primary else (set(), [])
     # every process samples the same batches (the generation is one program over all of them)
@@ -278,10 +302,11 @@ def main(argv):
         for n, batch in enumerate(batches):
             if n in done:
                 continue
-            r = distributed.fetch(generate(model, [ids for _, ids in batch], sp, num_samples=ro.num_samples,
+            ids, mask = padded_batch(batch, ro.batch_size)
+            r = distributed.fetch(generate(model, ids, sp, num_samples=ro.num_samples, prompt_mask=mask,
                                            key=jax.random.fold_in(seed_key, n), kv_dtype=ro.get("kv_dtype") or None,
                                            record_routing=ro.get("record_routing", False)))
-            tokens += int(r.lengths.sum())
+            tokens += int(r.lengths[:len(batch) * ro.num_samples].sum())  # not the padding rows
             finished += len(batch)
             if out:  # one batch at a time, synced: a crash loses at most the batch in flight
                 out.write("".join(line + "\n" for line in sample_lines(batch, r, ro.num_samples, tok)))

@@ -53,6 +53,7 @@ def get_config():
         batch_size=16, num_samples=16, max_prompt_len=8192,
         kv_dtype="",  # "bfloat16": the softmax layers' KV caches in bf16 ("" = the compute dtype)
         record_routing=False,  # also write every token's top-k expert ids (routing replay)
+        sort_by_length=False,  # batch prompts of similar length (less padding; output in batch order)
     ))
     # 8-way expert parallelism (4 of the 32 experts per device), FSDP over all the other devices
     # (`python -m m1jax.plan` checks a pod shape's memory before a run).

@@ -47,6 +47,7 @@ def get_config():
         batch_size=8, num_samples=1, max_prompt_len=1024,
         kv_dtype="",  # "bfloat16": the softmax layers' KV caches in bf16 ("" = the compute dtype)
         record_routing=False,  # also write every token's top-k expert ids (routing replay)
+        sort_by_length=False,  # batch prompts of similar length (less padding; output in batch order)
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # one axis may be -1: the rest
     return c

@@ -196,3 +196,40 @@ def test_rollout_cli_records_routing(tmp_path):
         ref = np.sort(np.asarray(stats.expert_ids), -1).transpose(1, 0, 2)  # [T, L, k]
         np.testing.assert_array_equal(np.sort(row["prompt_routing"], -1), ref[:len(prompt)])
         np.testing.assert_array_equal(np.sort(row["routing"], -1), ref[len(prompt):])
+
+
+def test_batches_are_padded_to_a_few_compiled_shapes():
+    """rollout.py left-pads each batch to a bucketed width (powers of two from 16 up to the prefill
+    chunk, then multiples of it) and to the full batch size, so that batches share compiled programs."""
+    import rollout
+
+    ids, mask = rollout.padded_batch([(0, [1, 2, 3]), (5, [4] * 9)], rows=4)
+    assert ids.shape == mask.shape == (4, 16)
+    assert mask.sum(1).tolist() == [3, 9, 3, 3] and ids[0, -3:].tolist() == [1, 2, 3] and ids[0, :13].sum() == 0
+    assert (ids[2:] == ids[0]).all() and (mask[2:] == mask[0]).all()  # padding rows: copies of the first prompt
+    for width, bucket in [(1, 16), (16, 16), (17, 32), (1500, 2048), (2048, 2048), (2049, 4096), (5000, 6144)]:
+        assert rollout.padded_batch([(0, [7] * width)], rows=1)[0].shape == (1, bucket), width
+    assert rollout.padded_batch([(0, [7] * 100)], rows=1, prefill_chunk=96)[0].shape == (1, 192)
+    # sort_by_length: batches of similar lengths, ties in file order
+    good = [(0, [1] * 9), (1, [1] * 2), (2, [1] * 5), (3, [1] * 2)]
+    assert [[i for i, _ in b] for b in rollout.plan_batches(good, 2, by_length=True)] == [[1, 3], [2, 0]]
+    assert [[i for i, _ in b] for b in rollout.plan_batches(good, 2)] == [[0, 1], [2, 3]]
+
+
+def test_rollout_cli_sort_by_length(tmp_path):
+    """rollout.sort_by_length batches prompts of similar length; each prompt's greedy completion is the
+    same as in file order (left padding does not change it)."""
+    ckpt = tmp_path / "ckpt"
+    tiny_hf_model().save_pretrained(ckpt)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt_ids": list(range(1, n + 1))}) for n in (9, 2, 5, 2)) + "\n")
+    rows = {}
+    for sort in (False, True):
+        out = tmp_path / f"out{sort}.jsonl"
+        res = _rollout(ckpt, prompts, out, "--config.sampling.greedy=True", "--config.rollout.batch_size=2",
+                       "--config.rollout.num_samples=1", f"--config.rollout.sort_by_length={sort}")
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows[sort] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in rows[False]] == [0, 1, 2, 3] and [r["index"] for r in rows[True]] == [1, 3, 2, 0]
+    by_index = {r["index"]: r["completion_ids"] for r in rows[False]}
+    assert all(r["completion_ids"] == by_index[r["index"]] for r in rows[True])
