@@ -183,7 +183,7 @@ def test_rollout_cli_records_routing(tmp_path):
     ckpt = tmp_path / "ckpt"
     tiny_hf_model().save_pretrained(ckpt)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt_ids": [5, 6, 7, 8, 9]}) + "\n" + json.dumps({"prompt_ids": [1, 2, 3]}) + "\n")
+    prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in ([5, 6, 7, 8, 9], [1, 2, 3])))
     out = tmp_path / "out.jsonl"
     res = _rollout(ckpt, prompts, out, "--config.sampling.greedy=True", "--config.rollout.batch_size=2",
                    "--config.rollout.record_routing=True")
