@@ -126,17 +126,15 @@ def plan_batches(good: list, batch_size: int, by_length: bool = False) -> list[l
 
 def padded_batch(batch: list, rows: int, prefill_chunk: int = 2048):
     """(ids, mask) of a batch's prompts, left-padded to a bucketed width -- a power of two from 16 up
-    to ``prefill_chunk``, then a multiple of it -- and, with copies of its first prompt, to ``rows``
-    rows: batches of the same bucket reuse one compiled prefill and decode, where each new width or
-    batch size would compile both again (seconds on CPU, far longer for a large model)."""
+    to ``prefill_chunk``; ``generate`` pads longer prompts to a multiple of the chunk itself -- and,
+    with copies of its first prompt, to ``rows`` rows: batches of the same bucket reuse one compiled
+    prefill and decode, where each new width or batch size would compile both again (seconds on CPU,
+    far longer for a large model)."""
     from m1jax.rollout import left_pad
 
     ids, mask = left_pad([ids for _, ids in batch])
     width = ids.shape[1]
-    if width <= prefill_chunk:
-        bucket = min(max(16, 1 << (width - 1).bit_length()), prefill_chunk)
-    else:
-        bucket = -(-width // prefill_chunk) * prefill_chunk
+    bucket = min(max(16, 1 << (width - 1).bit_length()), max(width, prefill_chunk))
     pad = ((0, rows - len(batch)), (bucket - width, 0))
     ids, mask = np.pad(ids, pad), np.pad(mask, pad)
     ids[len(batch):], mask[len(batch):] = ids[0], mask[0]
@@ -207,12 +205,13 @@ def write_atomically(path: str, lines: list[str]) -> None:
     """``lines`` as the whole file at ``path``, replaced at once (a gs:// object is written whole)."""
     from m1jax import storage
 
+    text = "".join(line + "\n" for line in lines)
     if storage.is_remote(path):
-        storage.write_text(path, "".join(line + "\n" for line in lines))
+        storage.write_text(path, text)
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -226,10 +225,10 @@ def progress(done: int, total: int, start: float, tokens: int):
     sys.stderr.flush()
 
 
-def load_model(checkpoint: str | None, config, mesh=None):
+def load_model(checkpoint: str | None, config, mesh):
     """The model of a train.py run (local or gs://), of a MiniMax checkpoint directory, or (no
-    checkpoint) a randomly initialized model of ``config.model``; with ``mesh``, every parameter
-    in its sharding."""
+    checkpoint) a randomly initialized model of ``config.model``: on a mesh of several devices every
+    parameter in its sharding, on one device as is."""
     from flax import nnx
 
     from m1jax import runs, sharding, storage
@@ -239,16 +238,14 @@ def load_model(checkpoint: str | None, config, mesh=None):
     if not checkpoint:
         print("no --checkpoint: sampling from a randomly initialized model of the config", file=sys.stderr)
         cfg = model_config(config)
-        make = lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(0))  # noqa: E731
-        if mesh is None:
-            return make()
-        sharding.validate_model_for_mesh(cfg, sharding.MeshConfig(**dict(mesh.shape)))
-        return sharding.create_sharded(make, mesh)
+        sharding.validate_model_for_mesh(cfg, mesh)
+        return sharding.build_on_mesh(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(0)), mesh)
+    sharded = mesh if mesh.size > 1 else None
     if storage.is_remote(checkpoint) or runs.is_run_dir(checkpoint):
-        model, step = runs.restore_model(checkpoint, mesh=mesh)
+        model, step = runs.restore_model(checkpoint, mesh=sharded)
         print(f"restored step {step} of the train.py run {checkpoint}", file=sys.stderr)
         return model
-    return runs.load_model(checkpoint, mesh=mesh)  # a MiniMax checkpoint directory
+    return runs.load_model(checkpoint, mesh=sharded)  # a MiniMax checkpoint directory
 
 
 def main(argv):
@@ -279,7 +276,7 @@ def main(argv):
         sp = dataclasses.replace(sp, stop_token_ids=sp.stop_token_ids + (tok.eos_id,))
     if mesh.size > 1:  # sample on the mesh: parameters sharded, the MoE expert-parallel
         jax.set_mesh(mesh)
-    model = load_model(_CKPT.value, config, mesh if mesh.size > 1 else None)
+    model = load_model(_CKPT.value, config, mesh)
     print(sharding.describe_params(model), file=sys.stderr)
     prompts = read_prompts(_PROMPTS.value, model.cfg.vocab_size, ro.max_prompt_len, tok, _BOS.value)
     good = [(i, ids) for i, ids, err in prompts if err is None]

@@ -80,7 +80,7 @@ def main(argv):
         raise ValueError(f"rl.minibatches={rl.minibatches} must divide rl.prompts_per_step={rl.prompts_per_step}.")
     print(f"objective: {loss_cfg.describe()}", flush=True)
     mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
-    sharding.validate_model_for_mesh(cfg, sharding.MeshConfig(**dict(mesh.shape)))
+    sharding.validate_model_for_mesh(cfg, mesh)
     print(sharding.describe_mesh(mesh), flush=True)
     # A training step's rows are split evenly over the mesh's batch shards (sampling pads itself).
     shards, g = sharding.batch_shards(mesh), rl.samples_per_prompt

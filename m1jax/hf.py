@@ -302,7 +302,7 @@ def load(path: str, dtype: str | None = None, param_dtype: str | None = None, *,
         overrides["param_dtype"] = param_dtype
     cfg = read_config(path, **overrides)
     if mesh is not None:
-        shd.validate_model_for_mesh(cfg, shd.MeshConfig(**dict(mesh.shape)))
+        shd.validate_model_for_mesh(cfg, mesh)
     reader = _Reader(path)
     abstract = nnx.eval_shape(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

@@ -71,7 +71,7 @@ def restore_model(workdir: str, *, step: int | None = None, mesh: Mesh | None = 
     read directly into its sharding under the rules of m1jax.sharding."""
     cfg = model_cfg or ModelConfig.from_dict(run_config(workdir).model.to_dict())
     if mesh is not None:
-        shd.validate_model_for_mesh(cfg, shd.MeshConfig(**dict(mesh.shape)))
+        shd.validate_model_for_mesh(cfg, mesh)
     mgr = checkpoint_manager(workdir)
     step = mgr.latest_step() if step is None else step
     if step not in mgr.all_steps():

@@ -147,11 +147,13 @@ def param_sharding(var: nnx.Variable, mesh: Mesh, rules: Mapping[str, Any] = RUL
     return NamedSharding(mesh, P() if axes is None else spec_for(axes, var.get_value().shape, mesh, rules))
 
 
-def validate_model_for_mesh(cfg, mc: MeshConfig) -> None:
-    """Fail at startup, before compiling, for a model that cannot run on this mesh."""
-    if cfg.num_experts % mc.expert:
+def validate_model_for_mesh(cfg, mesh: MeshConfig | Mesh) -> None:
+    """Fail at startup, before compiling, for a model that cannot run on this mesh (a MeshConfig or
+    a built Mesh)."""
+    expert = mesh.shape["expert"] if isinstance(mesh, Mesh) else mesh.expert
+    if cfg.num_experts % expert:
         raise MeshError(
-            f"mesh.expert={mc.expert} does not divide model.num_experts={cfg.num_experts}; "
+            f"mesh.expert={expert} does not divide model.num_experts={cfg.num_experts}; "
             "use an expert axis size that divides the number of experts."
         )
 
