@@ -1,6 +1,7 @@
 """Lightning-attention kernels (Pallas for TPU/GPU, pure XLA fallback). Independent of m1jax."""
 
 from kernels_pallas.lightning import (
+    combine_sequence_shards,
     lightning_attention,
     lightning_attention_naive,
     lightning_attention_sequential,
@@ -10,6 +11,7 @@ from kernels_pallas.lightning import (
 )
 
 __all__ = [
+    "combine_sequence_shards",
     "lightning_attention",
     "lightning_decode",
     "lightning_attention_naive",

@@ -1,11 +1,15 @@
 """One device mesh for sampling and training: mesh construction, logical-axis rules, sharded init.
 
-Mesh axes (all four always exist; size 1 means unused):
-  data    pure data parallelism (replicated parameters)
-  fsdp    data parallelism with parameters sharded along their "embed" axis (gathered per use)
-  expert  expert parallelism: each device holds num_experts / expert experts; outside the MoE
-          this axis carries data (tokens are sharded over data x fsdp x expert)
-  tensor  tensor parallelism of attention heads, expert MLP width and the vocabulary
+Mesh axes (all five always exist; size 1 means unused):
+  data      pure data parallelism (replicated parameters)
+  fsdp      data parallelism with parameters sharded along their "embed" axis (gathered per use)
+  expert    expert parallelism: each device holds num_experts / expert experts; outside the MoE
+            this axis carries data (tokens are sharded over data x fsdp x expert)
+  sequence  sequence (context) parallelism: activations' length dimension is split over it,
+            parameters are not; the mixers combine the shards (lightning: decayed prefix of the
+            shards' states; softmax: keys and values gathered) and the MoE takes the shards'
+            tokens as more rows
+  tensor    tensor parallelism of attention heads, expert MLP width and the vocabulary
 
 Every parameter carries logical axis names (``axes`` metadata, set where it is created);
 ``RULES`` maps each name to mesh axes. A dimension that a mesh axis does not divide is left
@@ -23,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 BATCH = ("data", "fsdp", "expert")  # mesh axes that shard the batch
 
 # Logical axis -> mesh axis (or None: replicated). The single table for parameters and activations.
@@ -40,7 +44,7 @@ RULES: dict[str, Any] = {
     "layers": None,  # the scanned layer-stack axis
     # activations
     "batch": BATCH,
-    "seq": None,
+    "seq": "sequence",
     "act_embed": None,
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -57,6 +61,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = 1
     expert: int = 1
+    sequence: int = 1
     tensor: int = 1
 
     @property
@@ -248,6 +253,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def batch_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def sequence_shards(mesh) -> int:
+    """How many ways activations' length dimension is split on ``mesh`` (1 without a mesh)."""
+    return 1 if mesh is None or "sequence" not in mesh.shape else mesh.shape["sequence"]
 
 
 def batch_shards(mesh) -> int:

@@ -8,9 +8,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from m1jax.model.config import ModelConfig
 from m1jax.model.layers import F32, apply_rope, dtype_of, param
+from m1jax.sharding import batch_axes, current_mesh, sequence_shards
 
 
 class Attention(nnx.Module):
@@ -47,30 +49,73 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, kv, h // kv, d)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, d]
         key_ok = jnp.ones((b, t), bool) if mask is None else mask > 0
-
-        def attend(q_rows, rows):
-            """Queries at rows (positions within the new tokens) over the cache and the new tokens."""
-            causal = (jnp.arange(t)[None, :] <= rows[:, None])[None, None, None] & key_ok[:, None, None, None, :]
-            if kv_cache is not None and t > 1:  # prefill: only the cache's filled columns, in key blocks
-                return _cached_attention(q_rows, *kv_cache, key_valid > 0, (k, v, causal), math.sqrt(d),
-                                         cfg.attention_chunk)
-            parts = [(k, v, causal)]
-            if kv_cache is not None:
-                parts.insert(0, (*kv_cache, (key_valid > 0)[:, None, None, None, :]))
-            return _softmax_attention(q_rows, parts, math.sqrt(d))
-
-        chunk = cfg.attention_chunk
-        if kv_cache is not None or not chunk or t <= chunk:
-            o = attend(q, jnp.arange(t))
-        else:  # scores [chunk, seq] at a time: a long prompt/sequence needs no [seq, seq] buffer
-            n = -(-t // chunk)
-            qp = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0), (0, 0)))
-            qs = qp.reshape(b, n, chunk, kv, h // kv, d).swapaxes(0, 1)
-            rows = jnp.arange(n * chunk).reshape(n, chunk)
-            o = jax.lax.map(jax.checkpoint(lambda xs: attend(*xs)), (qs, rows)).swapaxes(0, 1).reshape(b, n * chunk, kv, h // kv, d)
-            o = o[:, :t]
+        cache = None if kv_cache is None else (*kv_cache, key_valid > 0)
+        attend = functools.partial(_attend, chunk=cfg.attention_chunk, sqrt_d=math.sqrt(d))
+        mesh = current_mesh()
+        if t > 1 and sequence_shards(mesh) > 1:
+            o = _attend_sequence_parallel(attend, mesh, q, k, v, key_ok, cache)
+        else:
+            o = attend(q, jnp.arange(t), k, v, key_ok, cache)
         out = o.reshape(b, t, h * d) @ self.o[...].astype(dt)
         return out, (None if kv_cache is None else (k, v))
+
+
+def _attend(q, rows, k, v, key_ok, cache, *, chunk: int, sqrt_d: float):
+    """Causal softmax attention of queries q [B, R, KV, G, d] at rows (their indices among the
+    T new tokens) over the new tokens' k, v [B, KV, T, d] (keys allowed by key_ok [B, T]) and, with
+    ``cache`` = (k, v, valid), the cache's valid columns. Without a cache the queries are taken
+    ``chunk`` at a time: a long sequence needs no [seq, seq] buffer. Returns [B, R, KV, G, d]."""
+    b, r = q.shape[:2]
+    t = k.shape[2]
+
+    def rows_attend(q_rows, rows):
+        causal = (jnp.arange(t)[None, :] <= rows[:, None])[None, None, None] & key_ok[:, None, None, None, :]
+        if cache is not None and r > 1:  # prefill: only the cache's filled columns, in key blocks
+            return _cached_attention(q_rows, *cache, (k, v, causal), sqrt_d, chunk)
+        parts = [(k, v, causal)]
+        if cache is not None:
+            parts.insert(0, (cache[0], cache[1], cache[2][:, None, None, None, :]))
+        return _softmax_attention(q_rows, parts, sqrt_d)
+
+    if cache is not None or not chunk or r <= chunk:
+        return rows_attend(q, rows)
+    n = -(-r // chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n * chunk - r), (0, 0), (0, 0), (0, 0)))
+    qs = qp.reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)
+    rows = jnp.pad(rows, (0, n * chunk - r), constant_values=t).reshape(n, chunk)  # past the end: padding rows
+    o = jax.lax.map(jax.checkpoint(lambda xs: rows_attend(*xs)), (qs, rows)).swapaxes(0, 1)
+    return o.reshape(b, n * chunk, *q.shape[2:])[:, :r]
+
+
+def _shard_rows(r: int):
+    """The global indices of a sequence shard's r contiguous query rows (inside the shard_map)."""
+    return jax.lax.axis_index("sequence") * r + jnp.arange(r)
+
+
+def _attend_sequence_parallel(attend, mesh, q, k, v, key_ok, cache):
+    """``attend`` with the queries split over the mesh's sequence axis (context parallelism): each
+    shard takes its contiguous rows and all the new tokens' keys and values (gathered by the
+    partitioner: [B, KV, T, d] with 8 KV heads is small next to the queries' activations) and the
+    whole cache. The causal mask uses the rows' global indices, so padding and left-padded prompts
+    behave exactly as on one device. A length the axis does not divide gets padding rows at the
+    end (dropped after). Every shard scores all T keys: the work is balanced across shards."""
+    b, t, kv = q.shape[0], q.shape[1], q.shape[2]
+    n = sequence_shards(mesh)
+    bax = batch_axes(mesh)
+    bspec = (bax if len(bax) > 1 else bax[0]) if bax else None
+    tp = mesh.shape["tensor"]
+    hspec = "tensor" if tp > 1 and kv % tp == 0 else None
+    pad = -t % n
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+
+    def shard(q, k, v, key_ok, *cache):
+        return attend(q, _shard_rows(q.shape[1]), k, v, key_ok, cache or None)
+
+    q_spec, kv_spec = P(bspec, "sequence", hspec, None, None), P(bspec, hspec, None, None)
+    cache_specs = () if cache is None else (kv_spec, kv_spec, P(bspec, None))
+    fn = jax.shard_map(shard, in_specs=(q_spec, kv_spec, kv_spec, P(bspec, None)) + cache_specs, out_specs=q_spec,
+                       check_vma=False)
+    return fn(qp, k, v, key_ok, *(cache or ()))[:, :t]
 
 
 def _dot(q, keys):

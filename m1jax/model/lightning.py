@@ -10,17 +10,20 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kernels_pallas import lightning_attention, lightning_decode
+from kernels_pallas import combine_sequence_shards, lightning_attention, lightning_decode
 from m1jax.model.config import ModelConfig
 from m1jax.model.layers import F32, dtype_of, param, rms_norm
-from m1jax.sharding import batch_axes, current_mesh
+from m1jax.sharding import batch_axes, current_mesh, sequence_shards
 
 
 def _lightning_op(q, k, v, decay_rate, state, cfg: ModelConfig):
     """The lightning operator: a chunked pass over q, k, v [batch, seq, heads, d] or, for
     [batch, heads, d] inputs with a state, one decode step. Under a mesh it runs in a shard_map
     over batch and heads (the kernels are per-device programs that the automatic partitioner
-    cannot split)."""
+    cannot split) and, for a chunked pass on a mesh with a sequence axis, over the sequence: each
+    shard runs the kernel on its tokens from a zero state and ``combine_sequence_shards`` adds the
+    earlier shards' decayed states. A length the axis does not divide is padded in front with
+    zero tokens (they change no state)."""
     decode = q.ndim == 3
     kw = dict(impl=cfg.lightning_impl, pallas_backend=cfg.pallas_backend)
     if decode:
@@ -31,16 +34,34 @@ def _lightning_op(q, k, v, decay_rate, state, cfg: ModelConfig):
     if mesh is None:
         return op(q, k, v, decay_rate, state)
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
-    if state is None:
-        state = jnp.zeros((b, h, d, v.shape[-1]), F32)
     bax = batch_axes(mesh)
     bspec = (bax if len(bax) > 1 else bax[0]) if bax else None
     hspec = "tensor" if h % mesh.shape["tensor"] == 0 and mesh.shape["tensor"] > 1 else None
-    x_spec = P(bspec, hspec, None) if decode else P(bspec, None, hspec, None)
     s_spec = P(bspec, hspec, None, None)
-    fn = jax.shard_map(op, in_specs=(x_spec, x_spec, x_spec, P(hspec), s_spec), out_specs=(x_spec, s_spec),
-                       check_vma=False)
-    return fn(q, k, v, decay_rate, state)
+    n = sequence_shards(mesh)
+    if decode or n == 1:
+        if state is None:
+            state = jnp.zeros((b, h, d, v.shape[-1]), F32)
+        x_spec = P(bspec, hspec, None) if decode else P(bspec, None, hspec, None)
+        fn = jax.shard_map(op, in_specs=(x_spec, x_spec, x_spec, P(hspec), s_spec), out_specs=(x_spec, s_spec),
+                           check_vma=False)
+        return fn(q, k, v, decay_rate, state)
+
+    t = q.shape[1]
+    pad = -t % n
+    q, k, v = (jnp.pad(x, ((0, 0), (pad, 0), (0, 0), (0, 0))) for x in (q, k, v))
+
+    def shard(q, k, v, decay_rate, *state):
+        out, local = op(q, k, v, decay_rate, None)
+        return combine_sequence_shards(q, out, local, decay_rate, state[0] if state else None,
+                                       axis_name="sequence", pad=pad)
+
+    x_spec = P(bspec, "sequence", hspec, None)
+    args = (q, k, v, decay_rate) + (() if state is None else (state,))
+    fn = jax.shard_map(shard, in_specs=(x_spec, x_spec, x_spec, P(hspec)) + (s_spec,) * (state is not None),
+                       out_specs=(x_spec, s_spec), check_vma=False)
+    out, state = fn(*args)
+    return out[:, pad:], state
 
 
 class LightningAttention(nnx.Module):

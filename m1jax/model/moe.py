@@ -145,7 +145,9 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
 
     Each device sends every other expert shard a buffer of ``cap`` rows: n*k (dropless, the default:
     nothing can overflow) or ceil(n*k/ep * capacity_factor) (rows past it are dropped, weight 0).
-    x: [B, T, D] sharded over the batch axes; mask [B, T]. Returns (y [B, T, D], RouterStats).
+    x: [B, T, D] sharded over the batch axes and, on a mesh with a sequence axis, T over it (its
+    shards' tokens are just more rows; a length it does not divide gets masked padding rows at the
+    end); mask [B, T]. Returns (y [B, T, D], RouterStats summed over all devices).
     """
     from m1jax import sharding as shd
 
@@ -157,6 +159,13 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
     mlp = "tensor" if tp > 1 and inter % tp == 0 else None
     bspec = bax if len(bax) != 1 else bax[0]
     bspec = bspec or None
+    seq = shd.sequence_shards(mesh)
+    sspec = "sequence" if seq > 1 else None
+    stat_axes = bax + (("sequence",) if sspec else ())
+    t_in = x.shape[1]
+    if t_in % seq:
+        x = jnp.pad(x, ((0, 0), (0, -t_in % seq), (0, 0)))
+        mask = jnp.pad(mask, ((0, 0), (0, -t_in % seq)))
 
     def local(x, mask, router, w1, w3, w2):
         b, t, d = x.shape
@@ -165,8 +174,9 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
         logits = jnp.dot(xf.astype(F32), router, precision=HIGHEST)
         weights, ids, probs = route(logits, top_k)
         stats = _router_stats(probs, ids, mask.reshape(-1).astype(F32), num_experts)
-        if bax:  # global sums; the per-token routing stays sharded like the tokens
-            stats = stats._replace(**{f: jax.lax.psum(getattr(stats, f), bax) for f in ("prob_sum", "count", "rows")})
+        if stat_axes:  # global sums; the per-token routing stays sharded like the tokens
+            stats = stats._replace(**{f: jax.lax.psum(getattr(stats, f), stat_axes) for f in ("prob_sum", "count", "rows")})
+        stats = stats._replace(expert_ids=stats.expert_ids.reshape(b, t, top_k))
         cap = n * top_k if capacity_factor is None else max(1, math.ceil(n * top_k / ep * capacity_factor))
         dest = (ids // e_loc).reshape(-1)  # [n*k] destination expert shard
         pos = jnp.take_along_axis(jnp.cumsum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), 0) - 1, dest[:, None], 1)[:, 0]
@@ -187,12 +197,14 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
 
     fn = jax.shard_map(
         local,
-        in_specs=(P(bspec, None, None), P(bspec, None), P(), P("expert", None, mlp), P("expert", None, mlp),
+        in_specs=(P(bspec, sspec, None), P(bspec, sspec), P(), P("expert", None, mlp), P("expert", None, mlp),
                   P("expert", mlp, None)),
-        out_specs=(P(bspec, None, None), RouterStats(P(), P(), P(), P(bspec, None))),
+        out_specs=(P(bspec, sspec, None), RouterStats(P(), P(), P(), P(bspec, sspec, None))),
         check_vma=False,
     )
-    return fn(x, mask, router, w1, w3, w2)
+    y, stats = fn(x, mask, router, w1, w3, w2)
+    ids = stats.expert_ids[:, :t_in]
+    return y[:, :t_in], stats._replace(expert_ids=ids.reshape(-1, top_k))
 
 
 class MoE(nnx.Module):
