@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from m1jax.model import MiniMaxM1
+from m1jax.model.moe import load_balancing_loss
 from m1jax.sharding import constrain_state
 
 
@@ -20,13 +21,46 @@ def _policy_log_softmax(model: MiniMaxM1, ids, mask, temperature: float):
     return jax.nn.log_softmax(logits), out.aux_loss
 
 
+# Target log-probs are computed this many sequence positions at a time: the float32 logits of a
+# long sequence ([batch, seq, vocab]: 9 GiB per chip for one 90K-token sequence of the real model at
+# tensor=8, with as much again for log_softmax and the gradient) never exist whole.
+LOGITS_CHUNK = 4096
+
+
+def target_logprobs(head, h, targets, temperature: float = 1.0, chunk: int = LOGITS_CHUNK):
+    """log softmax(head(h) / T)[targets] for hidden states h [B, S, D] and targets [B, S]: [B, S]
+    float32, ``chunk`` positions at a time (rematerialized in the backward pass: one more LM-head
+    matmul instead of the [B, S, V] logits and their gradient).
+
+    Chunks are strided (chunk i holds positions i, i + n, i + 2n, ...), so each one spans every
+    shard of a sequence-sharded S and no position moves between devices."""
+    b, s, d = h.shape
+    n = -(-s // chunk)  # chunks
+    m = -(-s // n)  # positions per chunk
+    h = jnp.pad(h, ((0, 0), (0, n * m - s), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, n * m - s)))
+
+    @jax.checkpoint
+    def one(_, xs):
+        h_c, t_c = xs  # [B, m, D], [B, m]
+        logits = head(h_c).astype(jnp.float32)
+        if temperature != 1.0:  # a Python-level branch: T = 1 leaves the graph untouched
+            logits = logits / temperature
+        return None, jnp.take_along_axis(jax.nn.log_softmax(logits), t_c[..., None], -1)[..., 0]
+
+    strided = lambda x: jnp.moveaxis(x.reshape(b, m, n, *x.shape[2:]), 2, 0)  # noqa: E731 -- [n, B, m, ...]
+    _, lp = jax.lax.scan(one, None, (strided(h), strided(targets)))  # [n, B, m]
+    return jnp.moveaxis(lp, 0, 2).reshape(b, n * m)[:, :s]
+
+
 def token_logprobs(model: MiniMaxM1, ids, mask=None, temperature: float = 1.0):
     """log pi_T(ids[:, t] | ids[:, <t]) for t >= 1: [B, T-1], and the forward's aux loss.
 
     pi_T = softmax(logits / T), the distribution the rollout samples from at temperature T (its
     sampler log-probs are of the same pi_T, see m1jax/rollout/sampling.py)."""
-    logp, aux = _policy_log_softmax(model, ids, mask, temperature)
-    return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0], aux
+    h, stats, _ = model.hidden_states(ids, attention_mask=mask)
+    lp = target_logprobs(model.logits, h[:, :-1], ids[:, 1:], temperature)
+    return lp, load_balancing_loss(stats, model.cfg.num_experts)
 
 
 def token_logprobs_and_entropy(model: MiniMaxM1, ids, mask=None, temperature: float = 1.0):

@@ -38,7 +38,7 @@ def _parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/minimax_m1.py", help="config file (get_config())")
     p.add_argument("--topology", required=True, help="v5p-N, v6e-N, v5e-N, v4-N, or a libtpu name like v5:2x2x1")
-    for axis in ("data", "fsdp", "expert", "tensor"):
+    for axis in ("data", "fsdp", "expert", "sequence", "tensor"):
         p.add_argument(f"--mesh.{axis}", type=int, default=None, dest=f"mesh_{axis}")
     p.add_argument("--program", default="all", choices=PROGRAMS + ("all",))
     p.add_argument("--batch", type=int, default=None, help="train sequences per step (default: one per data-parallel rank)")

@@ -105,7 +105,7 @@ def test_plan_compiles_small_config_with_the_pallas_kernel(capsys, monkeypatch):
     for name in ("lightning_fwd", "lightning_bwd_dq", "lightning_bwd_dkv"):
         assert name in train.split("\nprefill")[0], train
     assert "lightning_fwd" in prefill.split("\ndecode")[0] and "lightning_decode" in decode, out
-    assert "mesh: {'data': 1, 'fsdp': 1, 'expert': 2, 'tensor': 2}" in out
+    assert "mesh: {'data': 1, 'fsdp': 1, 'expert': 2, 'sequence': 1, 'tensor': 2}" in out
 
 
 @needs_libtpu

@@ -99,7 +99,7 @@ def test_mesh_from_config():
     """train.py / rollout.py's mesh section: one axis may be -1 (the devices the others leave); a
     smaller mesh takes the first devices; impossible ones fail naming the fix."""
     mesh = shd.mesh_from_config({"data": -1, "expert": 2, "tensor": 2})
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "sequence": 1, "tensor": 2}
     assert shd.describe_mesh(mesh) == "mesh data=2 expert=2 tensor=2: 8 of 8 devices"
     assert shd.batch_shards(mesh) == 4 and shd.batch_shards(None) == 1
     one = shd.mesh_from_config({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})

@@ -30,27 +30,58 @@ def route(logits, top_k: int):
     return top_p / jnp.sum(top_p, axis=-1, keepdims=True), top_i, probs
 
 
-def grouped_swiglu(x, expert, w1, w3, w2):
+def _gather_rows(x, idx):
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def take_rows(x, idx, inv):
+    """x[idx]: rows of x [N, ...] by idx [R] (an index >= N gives a zero row), for an injective
+    map (no two entries of idx name the same row) whose inverse is ``inv`` [N] (row i of x went to
+    output row inv[i], or nowhere when inv[i] >= R).
+
+    The backward pass is the gather by ``inv``, not the scatter-add that autodiff of a gather
+    makes: XLA:TPU expands a row scatter into several [rows, D] index and mask buffers, which were
+    the largest temporaries of a long-sequence MoE step."""
+    return _gather_rows(x, idx)
+
+
+def _take_rows_fwd(x, idx, inv):
+    return _gather_rows(x, idx), (idx, inv)
+
+
+def _take_rows_bwd(res, g):
+    _, inv = res
+    return _gather_rows(g, inv), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def grouped_swiglu(x, expert, w1, w3, w2, row_weights=None, out_dtype=F32):
     """Rows x [R, D], each for expert ``expert`` [R]: sort by expert, ragged matmuls, unsort.
 
-    w1, w3: [E, D, I]; w2: [E, I, D]. Returns [R, D] float32 (dropless: every row is computed).
+    w1, w3: [E, D, I]; w2: [E, I, D]. ``row_weights`` [R] (float32) scales each row's output.
+    Returns [R, D] in out_dtype, float32 sums (dropless: every row is computed).
     """
     order = jnp.argsort(expert, stable=True)
+    inv = jnp.argsort(order)
     group_sizes = jnp.bincount(expert, length=w1.shape[0]).astype(jnp.int32)
-    xs = x[order]
+    xs = take_rows(x, order, inv)
     h1 = jax.lax.ragged_dot(xs, w1, group_sizes, preferred_element_type=F32)
     h3 = jax.lax.ragged_dot(xs, w3, group_sizes, preferred_element_type=F32)
     h = (jax.nn.silu(h1) * h3).astype(x.dtype)
     y = jax.lax.ragged_dot(h, w2, group_sizes, preferred_element_type=F32)
-    return jnp.zeros_like(y).at[order].set(y)
+    if row_weights is not None:
+        y = y * row_weights[order][:, None]
+    return take_rows(y.astype(out_dtype), inv, order)
 
 
 def expert_mlp(x, ids, weights, w1, w3, w2):
     """Dense single-device MoE: x [N, D]; ids, weights [N, k]. Returns [N, D] float32."""
     n, k = ids.shape
-    token = jnp.arange(n * k) // k
-    y = grouped_swiglu(x[token], ids.reshape(-1), w1, w3, w2) * weights.reshape(-1, 1)
-    return jnp.zeros((n, x.shape[-1]), F32).at[token].add(y)
+    y = grouped_swiglu(jnp.repeat(x, k, axis=0), ids.reshape(-1), w1, w3, w2, weights.reshape(-1))
+    return y.reshape(n, k, -1).sum(axis=1)  # a token's k (token, expert) pairs are adjacent
 
 
 def _gate(ids, weights, num_experts: int):
@@ -178,21 +209,25 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
             stats = stats._replace(**{f: jax.lax.psum(getattr(stats, f), stat_axes) for f in ("prob_sum", "count", "rows")})
         stats = stats._replace(expert_ids=stats.expert_ids.reshape(b, t, top_k))
         cap = n * top_k if capacity_factor is None else max(1, math.ceil(n * top_k / ep * capacity_factor))
-        dest = (ids // e_loc).reshape(-1)  # [n*k] destination expert shard
+        pairs = n * top_k  # (token, expert) pair p is token p // top_k; a token's pairs are adjacent
+        dest = (ids // e_loc).reshape(-1)  # [pairs] destination expert shard
         pos = jnp.take_along_axis(jnp.cumsum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), 0) - 1, dest[:, None], 1)[:, 0]
         keep = pos < cap
-        token = jnp.arange(n * top_k) // top_k
-        slot = (dest, jnp.where(keep, pos, cap))  # out-of-range rows are dropped by the scatter
-        send_x = jnp.zeros((ep, cap, d), x.dtype).at[slot].set(xf[token], mode="drop")
-        send_e = jnp.zeros((ep, cap), jnp.int32).at[slot].set((ids % e_loc).reshape(-1), mode="drop")
-        recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)
-        recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0)
-        y = grouped_swiglu(recv_x.reshape(ep * cap, d), recv_e.reshape(-1), w1, w3, w2)
+        slot = jnp.where(keep, dest * cap + pos, ep * cap)  # [pairs] -> send slot (ep * cap: dropped)
+        src = jnp.full((ep * cap,), pairs, jnp.int32).at[slot].set(jnp.arange(pairs, dtype=jnp.int32), mode="drop")
+        fill = lambda a: jnp.take(a.reshape(-1), src, mode="fill", fill_value=0).reshape(ep, cap)  # noqa: E731
+        send_x = take_rows(jnp.repeat(xf, top_k, axis=0), src, slot).reshape(ep, cap, d)
+        recv_x, recv_e, recv_w = (jax.lax.all_to_all(a, "expert", 0, 0)
+                                  for a in (send_x, fill(ids % e_loc), fill(weights)))
+        # Each row comes back scaled by its routing weight, in the compute dtype: the tensor psum and
+        # the return all_to_all move [ep * cap, D] in bf16, not float32.
+        y = grouped_swiglu(recv_x.reshape(ep * cap, d), recv_e.reshape(-1), w1, w3, w2, recv_w.reshape(-1),
+                           out_dtype=x.dtype)
         if mlp:
             y = jax.lax.psum(y, "tensor")
         back = jax.lax.all_to_all(y.reshape(ep, cap, d), "expert", 0, 0)
-        y_slot = back[dest, jnp.minimum(pos, cap - 1)] * (weights.reshape(-1) * keep)[:, None]
-        out = jnp.zeros((n, d), F32).at[token].add(y_slot)
+        rows = take_rows(back.reshape(ep * cap, d), slot, src)  # [pairs, D]; dropped pairs are 0
+        out = jnp.sum(rows.reshape(n, top_k, d), axis=1, dtype=F32)
         return out.astype(x.dtype).reshape(b, t, d), stats
 
     fn = jax.shard_map(
