@@ -23,9 +23,10 @@ CFG = ModelConfig(
     rotary_dim=8, block_size=2, attention_chunk=2, initializer_range=0.2, linear_attn_alpha=1.5,
     mlp_alpha=1.5, full_attn_alpha=1.5,
 )
-MESHES = {
-    "sequence4_data2": shd.MeshConfig(data=2, sequence=4),
-    "fsdp2_expert2_sequence2": shd.MeshConfig(fsdp=2, expert=2, sequence=2),
+MESHES = {  # mesh, model overrides that must not change any value
+    "sequence4_data2": (shd.MeshConfig(data=2, sequence=4), {}),
+    # each device's 6 tokens go through the experts 4 at a time (two chunks, one padded)
+    "fsdp2_expert2_sequence2_moe_chunk4": (shd.MeshConfig(fsdp=2, expert=2, sequence=2), {"moe_chunk": 4}),
 }
 B, T = 4, 11  # 11 tokens: neither sequence=4 nor 2 divides them
 
@@ -55,10 +56,10 @@ def _run(model, *inputs):
     return loss, out.logits, out.aux_loss, nnx.to_pure_dict(grads)
 
 
-def _on_mesh(model1, mc):
+def _on_mesh(model1, mc, **overrides):
     """The mesh and a copy of ``model1`` created straight into its shardings, with model1's values."""
     mesh = shd.make_mesh(mc)
-    model = shd.create_sharded(lambda: MiniMaxM1(CFG, rngs=nnx.Rngs(0)), mesh)
+    model = shd.create_sharded(lambda: MiniMaxM1(CFG.replace(**overrides), rngs=nnx.Rngs(0)), mesh)
     nnx.update(model, jax.device_put(nnx.state(model1), shd.state_shardings(nnx.state(model), mesh)))
     return mesh, model
 
@@ -71,7 +72,8 @@ def reference():
 
 def _model_on_mesh(reference, name):
     model1, _ = reference
-    mesh, model = _on_mesh(model1, MESHES[name])
+    mc, overrides = MESHES[name]
+    mesh, model = _on_mesh(model1, mc, **overrides)
     inputs = tuple(jax.device_put(x, shd.batch_sharding(mesh)) for x in _inputs())
     with jax.set_mesh(mesh):
         return jax.device_get(nnx.jit(_run)(model, *inputs))

@@ -57,6 +57,10 @@ class ModelConfig:
     # Expert parallelism: None = dropless (default); c > 0 caps each device-to-device buffer at
     # ceil(tokens * top_k / expert_shards * c) rows, dropping the overflow.
     moe_capacity_factor: float | None = None
+    # Expert parallelism takes each device's tokens this many at a time (dispatch, experts and
+    # return per chunk, rematerialized), so its [expert_shards * capacity, hidden] buffers are per
+    # chunk; 0 = all at once. The same values (dropless); with a capacity factor, capacity is per chunk.
+    moe_chunk: int = 0
     # Single-device experts: "grouped" (sorted rows, ragged_dot: each row computes only its
     # expert — native on GPU/TPU), "dense" (every expert on every token, combined with the routing
     # weights), or "auto" = grouped on GPU/TPU and, when compiled for CPU (chosen by
@@ -131,6 +135,8 @@ class ModelConfig:
              f"must be 'auto', 'grouped' or 'dense', got {self.moe_impl!r}.")
         need(self.lightning_impl in ("auto", "xla", "pallas"), "lightning_impl",
              f"must be 'auto', 'xla' or 'pallas', got {self.lightning_impl!r}.")
+        need(isinstance(self.moe_chunk, (int, np.integer)) and self.moe_chunk >= 0, "moe_chunk",
+             f"must be an integer >= 0 (0 = no chunking), got {self.moe_chunk!r}.")
         need(isinstance(self.attention_chunk, (int, np.integer)) and self.attention_chunk >= 0, "attention_chunk",
              f"must be an integer >= 0 (0 = no chunking), got {self.attention_chunk!r}.")
         need(self.pallas_backend in (None, "tpu", "gpu"), "pallas_backend",

@@ -169,13 +169,14 @@ def _router_stats(probs, ids, row_w, num_experts):
     return RouterStats(prob_sum=row_w @ probs, count=row_w @ onehot, rows=row_w.sum(), expert_ids=ids.astype(jnp.int32))
 
 
-def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor: float | None):
+def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor: float | None, chunk: int = 0):
     """MoE over the current mesh with jax.shard_map: tokens go to the devices owning their experts
     with an all_to_all over "expert", are computed there (MLP width split over "tensor", partial
     sums psum'ed) and come back with a second all_to_all.
 
     Each device sends every other expert shard a buffer of ``cap`` rows: n*k (dropless, the default:
-    nothing can overflow) or ceil(n*k/ep * capacity_factor) (rows past it are dropped, weight 0).
+    nothing can overflow) or ceil(n*k/ep * capacity_factor) (rows past it are dropped, weight 0),
+    for its n tokens or, with ``chunk``, for each chunk of at most ``chunk`` of them in turn.
     x: [B, T, D] sharded over the batch axes and, on a mesh with a sequence axis, T over it (its
     shards' tokens are just more rows; a length it does not divide gets masked padding rows at the
     end); mask [B, T]. Returns (y [B, T, D], RouterStats summed over all devices).
@@ -198,6 +199,31 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
         x = jnp.pad(x, ((0, 0), (0, -t_in % seq), (0, 0)))
         mask = jnp.pad(mask, ((0, 0), (0, -t_in % seq)))
 
+    def dispatch(xf, ids, weights, real, w1, w3, w2):
+        """Tokens xf [n, D] with their routing ids, weights [n, k] (rows where ``real`` is False are
+        dropped) to their experts' devices, through the experts and back: [n, D] float32."""
+        n = xf.shape[0]
+        cap = n * top_k if capacity_factor is None else max(1, math.ceil(n * top_k / ep * capacity_factor))
+        pairs = n * top_k  # (token, expert) pair p is token p // top_k; a token's pairs are adjacent
+        dest = (ids // e_loc).reshape(-1)  # [pairs] destination expert shard
+        pos = jnp.take_along_axis(jnp.cumsum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), 0) - 1, dest[:, None], 1)[:, 0]
+        keep = (pos < cap) & jnp.repeat(real, top_k)
+        slot = jnp.where(keep, dest * cap + pos, ep * cap)  # [pairs] -> send slot (ep * cap: dropped)
+        src = jnp.full((ep * cap,), pairs, jnp.int32).at[slot].set(jnp.arange(pairs, dtype=jnp.int32), mode="drop")
+        fill = lambda a: jnp.take(a.reshape(-1), src, mode="fill", fill_value=0).reshape(ep, cap)  # noqa: E731
+        send_x = take_rows(jnp.repeat(xf, top_k, axis=0), src, slot).reshape(ep, cap, -1)
+        recv_x, recv_e, recv_w = (jax.lax.all_to_all(a, "expert", 0, 0)
+                                  for a in (send_x, fill(ids % e_loc), fill(weights)))
+        # Each row comes back scaled by its routing weight, in the compute dtype: the tensor psum and
+        # the return all_to_all move [ep * cap, D] in bf16, not float32.
+        y = grouped_swiglu(recv_x.reshape(ep * cap, -1), recv_e.reshape(-1), w1, w3, w2, recv_w.reshape(-1),
+                           out_dtype=xf.dtype)
+        if mlp:
+            y = jax.lax.psum(y, "tensor")
+        back = jax.lax.all_to_all(y.reshape(ep, cap, -1), "expert", 0, 0)
+        rows = take_rows(back.reshape(ep * cap, -1), slot, src)  # [pairs, D]; dropped pairs are 0
+        return jnp.sum(rows.reshape(n, top_k, -1), axis=1, dtype=F32)
+
     def local(x, mask, router, w1, w3, w2):
         b, t, d = x.shape
         n = b * t
@@ -208,26 +234,14 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
         if stat_axes:  # global sums; the per-token routing stays sharded like the tokens
             stats = stats._replace(**{f: jax.lax.psum(getattr(stats, f), stat_axes) for f in ("prob_sum", "count", "rows")})
         stats = stats._replace(expert_ids=stats.expert_ids.reshape(b, t, top_k))
-        cap = n * top_k if capacity_factor is None else max(1, math.ceil(n * top_k / ep * capacity_factor))
-        pairs = n * top_k  # (token, expert) pair p is token p // top_k; a token's pairs are adjacent
-        dest = (ids // e_loc).reshape(-1)  # [pairs] destination expert shard
-        pos = jnp.take_along_axis(jnp.cumsum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), 0) - 1, dest[:, None], 1)[:, 0]
-        keep = pos < cap
-        slot = jnp.where(keep, dest * cap + pos, ep * cap)  # [pairs] -> send slot (ep * cap: dropped)
-        src = jnp.full((ep * cap,), pairs, jnp.int32).at[slot].set(jnp.arange(pairs, dtype=jnp.int32), mode="drop")
-        fill = lambda a: jnp.take(a.reshape(-1), src, mode="fill", fill_value=0).reshape(ep, cap)  # noqa: E731
-        send_x = take_rows(jnp.repeat(xf, top_k, axis=0), src, slot).reshape(ep, cap, d)
-        recv_x, recv_e, recv_w = (jax.lax.all_to_all(a, "expert", 0, 0)
-                                  for a in (send_x, fill(ids % e_loc), fill(weights)))
-        # Each row comes back scaled by its routing weight, in the compute dtype: the tensor psum and
-        # the return all_to_all move [ep * cap, D] in bf16, not float32.
-        y = grouped_swiglu(recv_x.reshape(ep * cap, d), recv_e.reshape(-1), w1, w3, w2, recv_w.reshape(-1),
-                           out_dtype=x.dtype)
-        if mlp:
-            y = jax.lax.psum(y, "tensor")
-        back = jax.lax.all_to_all(y.reshape(ep, cap, d), "expert", 0, 0)
-        rows = take_rows(back.reshape(ep * cap, d), slot, src)  # [pairs, D]; dropped pairs are 0
-        out = jnp.sum(rows.reshape(n, top_k, d), axis=1, dtype=F32)
+        if not chunk or n <= chunk:
+            out = dispatch(xf, ids, weights, jnp.ones((n,), bool), w1, w3, w2)
+        else:  # chunk by chunk (padding rows are dropped), each recomputed in the backward pass
+            c = -(-n // chunk)
+            m = -(-n // c)
+            pad = lambda a: jnp.pad(a, ((0, c * m - n),) + ((0, 0),) * (a.ndim - 1)).reshape(c, m, *a.shape[1:])  # noqa: E731
+            xs = (pad(xf), pad(ids), pad(weights), pad(jnp.ones((n,), bool)))
+            out = jax.lax.map(jax.checkpoint(lambda a: dispatch(*a, w1, w3, w2)), xs).reshape(c * m, d)[:n]
         return out.astype(x.dtype).reshape(b, t, d), stats
 
     fn = jax.shard_map(
@@ -267,7 +281,8 @@ class MoE(nnx.Module):
         row_mask = jnp.ones((b, t), F32) if mask is None else mask.astype(F32)
         if current_mesh() is not None:
             return moe_expert_parallel(
-                x, row_mask, self.router[...], w1, w3, w2, cfg.num_experts_per_tok, cfg.moe_capacity_factor
+                x, row_mask, self.router[...], w1, w3, w2, cfg.num_experts_per_tok, cfg.moe_capacity_factor,
+                cfg.moe_chunk,
             )
         xf = x.reshape(b * t, d)
         logits = jnp.dot(xf.astype(F32), self.router[...], precision=HIGHEST)
