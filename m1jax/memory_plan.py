@@ -58,25 +58,33 @@ def param_bytes(cfg: ModelConfig, mc: MeshConfig) -> tuple[float, float, list[st
 
 
 def activation_bytes(cfg: ModelConfig, mc: MeshConfig, batch: int, seq: int) -> float:
-    """Estimate of live activation bytes per device in a training step.
+    """Estimate of live activation bytes per device in a training step, for the tokens a device
+    holds: n = batch x seq / (data x fsdp x expert x sequence).
 
-    * the residual stream saved at every scan step (one per repeat of the layer pattern): R x b x T x D
-      in the compute dtype, b = batch / (data * fsdp * expert);
+    * the residual stream saved at every scan step (one per repeat of the layer pattern): R x n x D
+      in the compute dtype;
     * one block recomputed in the backward pass, per layer: lightning u, o, y, gate in float32
-      (6 x H d / tensor floats per token), the MoE's dispatched rows (top_k x (D + 3 I / tensor)),
-      and the normed inputs (4 D), counted twice (values and their gradients);
-    * logits and their gradient in float32: 2 x b x T x V / tensor.
+      (6 x H d / tensor floats per token), the normed inputs (4 D), and the MoE's dispatched rows
+      (top_k x 1.25 x (4 D + 3 I / tensor) per token, for ``moe_chunk`` tokens at a time when set),
+      counted twice (values and their gradients); one layer's worth with ``remat_layers``;
+    * the target log-probs' float32 logits, ``m1jax.lm.LOGITS_CHUNK`` positions at a time;
+    * two layers' weights gathered over fsdp in the compute dtype (the one in use and the next).
     """
-    dp = mc.data * mc.fsdp * mc.expert
-    b = max(1, batch // dp)
+    from m1jax.lm import LOGITS_CHUNK
+
+    shards = mc.data * mc.fsdp * mc.expert * mc.sequence
+    n = batch * seq / shards
     act = np.dtype(cfg.dtype).itemsize
     period, repeats, tail = cfg.pattern
     d, hd, tp = cfg.hidden_size, cfg.num_heads * cfg.head_dim, mc.tensor
-    saved = (repeats + (1 if tail else 0)) * b * seq * d * act
-    per_layer = b * seq * (6 * hd / tp * 4 + cfg.num_experts_per_tok * (d + 3 * cfg.intermediate_size / tp) * act + 4 * d * act)
-    block = 2 * len(period) * per_layer
-    logits = 2 * b * seq * cfg.vocab_size / tp * 4
-    return saved + block + logits
+    saved = (repeats + (1 if tail else 0)) * n * d * act
+    moe_tokens = min(n, cfg.moe_chunk) if cfg.moe_chunk else n
+    moe = moe_tokens * cfg.num_experts_per_tok * 1.25 * (4 * d + 3 * cfg.intermediate_size / tp) * act
+    per_layer = n * (6 * hd / tp * 4 + 4 * d * act) + moe
+    block = 2 * (1 if cfg.remat_layers else len(period)) * per_layer + len(period) * n * d * act
+    logits = 3 * max(1, batch // shards) * min(seq, LOGITS_CHUNK) * cfg.vocab_size / tp * 4
+    gathered = 2 * cfg.param_count() / cfg.num_layers * act / (mc.expert * tp)
+    return saved + block + logits + gathered
 
 
 def plan(cfg: ModelConfig, mc: MeshConfig, batch: int, seq: int) -> dict:

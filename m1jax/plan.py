@@ -40,6 +40,9 @@ def _parse(argv):
     p.add_argument("--topology", required=True, help="v5p-N, v6e-N, v5e-N, v4-N, or a libtpu name like v5:2x2x1")
     for axis in ("data", "fsdp", "expert", "sequence", "tensor"):
         p.add_argument(f"--mesh.{axis}", type=int, default=None, dest=f"mesh_{axis}")
+    p.add_argument("--mesh", default=None, help="'auto': choose the mesh from an analytic per-chip memory estimate, "
+                   "compile it, and try the next candidate on out-of-memory")
+    p.add_argument("--max_tries", type=int, default=4, help="meshes --mesh=auto compiles at most")
     p.add_argument("--program", default="all", choices=PROGRAMS + ("all",))
     p.add_argument("--batch", type=int, default=None, help="train sequences per step (default: one per data-parallel rank)")
     p.add_argument("--seq_len", type=int, default=None, help="train tokens per sequence (default: prompt_len + max_new_tokens)")
@@ -156,12 +159,38 @@ def _report(c, hbm: float | None, cfg) -> bool:
     return fits
 
 
+def auto_meshes(cfg, chips: int, batch: int, seq_len: int, hbm: float) -> list[tuple[float, "MeshConfig"]]:
+    """Candidate meshes for a train step of ``batch`` x ``seq_len`` tokens on ``chips``, with the
+    analytic per-chip estimate of ``m1jax.memory_plan.plan`` (parameters, gradients and AdamW moments
+    exact; activations estimated), in the order to try: those estimated to fit ``hbm`` (with 10%
+    for what the estimate leaves out) first, least sequence and tensor parallelism first (the axes
+    that communicate inside a layer), then most expert parallelism (a chip keeps its experts'
+    weights instead of gathering them over fsdp), then by estimate; then the rest by estimate.
+    data = 1 (fsdp shards the state where data only copies it); expert divides the experts and
+    tensor the heads, each up to 8; sequence divides the length; the batch axes divide the batch."""
+    from m1jax.memory_plan import plan as estimate
+    from m1jax.sharding import MeshConfig
+
+    def divisors(n, limit):
+        return [d for d in range(1, min(n, limit) + 1) if n % d == 0 and chips % d == 0 and d & (d - 1) == 0]
+
+    found = []
+    for tensor in divisors(cfg.num_heads, 8):
+        for expert in divisors(cfg.num_experts, 8):
+            for sequence in divisors(seq_len, 64):
+                rest, rem = divmod(chips, tensor * expert * sequence)
+                if rem or batch % (rest * expert) or rest * expert > batch:
+                    continue
+                mc = MeshConfig(fsdp=rest, expert=expert, sequence=sequence, tensor=tensor)
+                found.append((estimate(cfg, mc, batch, seq_len)["total"], mc))
+    fits = sorted((r for r in found if r[0] <= 0.9 * hbm), key=lambda r: (r[1].sequence * r[1].tensor, r[1].sequence, -r[1].expert, r[0]))
+    return fits + sorted((r for r in found if r[0] > 0.9 * hbm), key=lambda r: r[0])
+
+
 def main(argv=None) -> int:
     parser, a, overrides = _parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # silences libtpu's host probing; compile-only
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-
-    import jax
 
     from m1jax import aot
     from m1jax.configs import load_config_file, model_config
@@ -180,39 +209,86 @@ def main(argv=None) -> int:
         optim = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim") if "rl_optim" in config else OptimConfig()
         sampling = SamplingParams(**config.sampling.to_dict()) if "sampling" in config else SamplingParams()
         devices = aot.tpu_devices(a.topology)
+        hbm = aot.HBM_BYTES.get(devices[0].device_kind)
         given = {ax: getattr(a, f"mesh_{ax}") for ax in AXES}
-        mc = default_mesh(len(devices), cfg.num_experts, given)
-        mesh = aot.mesh_for(devices, mc)
-        validate_model_for_mesh(cfg, mc)
-        dp = mc.data * mc.fsdp * mc.expert
         prompt = a.prompt_len or (config.rollout.max_prompt_len if "rollout" in config else 1024)
-        shapes = aot.Shapes(
-            train_batch=a.batch or dp,
-            seq_len=a.seq_len or prompt + sampling.max_new_tokens,
-            rollout_batch=a.rollout_batch or a.batch or dp,
-            context=a.context or prompt + sampling.max_new_tokens,
-            prompt_len=prompt,
-            prefill_chunk=a.prefill_chunk or min(2048, prompt),
-        )
-        aot.validate_shapes(shapes, dp)
+        seq_len = a.seq_len or prompt + sampling.max_new_tokens
+        if a.mesh not in (None, "auto"):
+            raise aot.PlanError(f"--mesh={a.mesh!r}: the only value is 'auto' (set axes with --mesh.AXIS=N).")
+        if a.mesh == "auto":
+            if any(v is not None for v in given.values()):
+                raise aot.PlanError("--mesh=auto chooses every axis: drop the --mesh.* flags (or --mesh=auto).")
+            if not a.batch:
+                raise aot.PlanError("--mesh=auto needs --batch (the meshes it may choose split the batch differently).")
+            candidates = [mc for _, mc in auto_meshes(cfg, len(devices), a.batch, seq_len, hbm or math.inf)]
+            if not candidates:
+                raise aot.PlanError(f"--mesh=auto: no mesh of {len(devices)} chips splits --batch={a.batch} "
+                                    f"and --seq_len={seq_len}; use a batch that is a power of two.")
+        else:
+            candidates = [default_mesh(len(devices), cfg.num_experts, given)]
+        runs = []
+        for mc in candidates:
+            mesh = aot.mesh_for(devices, mc)
+            validate_model_for_mesh(cfg, mc)
+            dp = mc.data * mc.fsdp * mc.expert
+            shapes = aot.Shapes(
+                train_batch=a.batch or dp,
+                seq_len=seq_len,
+                rollout_batch=a.rollout_batch or a.batch or dp,
+                context=a.context or prompt + sampling.max_new_tokens,
+                prompt_len=prompt,
+                prefill_chunk=a.prefill_chunk or min(2048, prompt),
+            )
+            aot.validate_shapes(shapes, dp)
+            runs.append((mc, mesh, shapes))
     except (aot.PlanError, ConfigError, MeshError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
 
     kind = devices[0].device_kind
-    hbm = aot.HBM_BYTES.get(kind)
     print(f"plan: {a.config} ({cfg.param_count():,} parameters) on {a.topology} = {aot.topology_name(a.topology)}: "
           f"{len(devices)} x {kind}, HBM {'unknown' if hbm is None else f'{hbm / GiB:.2f} GiB'} per chip")
-    print(f"mesh: {dict(zip(AXES, mc.shape))}; remat={cfg.remat}, dtype={cfg.dtype}, params {cfg.param_dtype}, "
-          f"moe_capacity_factor={cfg.moe_capacity_factor}, attention_chunk={cfg.attention_chunk}")
+    programs = PROGRAMS if a.program == "all" else (a.program,)
+    if a.mesh == "auto":
+        from m1jax.memory_plan import plan as estimate
+
+        print(f"mesh auto: {len(runs)} candidates; trying up to {a.max_tries}, in order:")
+        for mc, _, _ in runs[:a.max_tries]:
+            print(f"  {dict(zip(AXES, mc.shape))}: estimated {estimate(cfg, mc, a.batch, seq_len)['total'] / GiB:.1f} "
+                  "GiB per chip")
+    for mc, mesh, shapes in runs[:a.max_tries]:
+        failed, peaks = _plan_mesh(a, cfg, optim, sampling, mc, mesh, shapes, programs, hbm)
+        if a.mesh == "auto":
+            if not failed:
+                print(f"\nmesh auto: chose {dict(zip(AXES, mc.shape))}, peak "
+                      + ", ".join(f"{p} {v / GiB:.2f} GiB" for p, v in peaks.items()) + " per chip")
+                return 0
+            print(f"\nmesh auto: {dict(zip(AXES, mc.shape))} does not fit ({', '.join(failed)}); next candidate")
+    if a.mesh == "auto":
+        print(f"\nmesh auto: none of the {min(len(runs), a.max_tries)} meshes tried fits")
+        return 1
+    return 1 if failed else 0
+
+
+def _plan_mesh(a, cfg, optim, sampling, mc, mesh, shapes, programs, hbm):
+    """Compile ``programs`` on one mesh and report each; returns (programs that do not fit, peaks)."""
+    import jax
+
+    from m1jax import aot
+    from m1jax.sharding import AXES
+
+    dp = mc.data * mc.fsdp * mc.expert
+    print(f"\nmesh: {dict(zip(AXES, mc.shape))}; remat={cfg.remat}, remat_layers={cfg.remat_layers}, "
+          f"dtype={cfg.dtype}, params {cfg.param_dtype}, moe_capacity_factor={cfg.moe_capacity_factor}, "
+          f"moe_chunk={cfg.moe_chunk}, attention_chunk={cfg.attention_chunk}")
     for note in aot.sharding_notes(cfg, mesh):
         print(f"note: {note}")
-
-    programs = PROGRAMS if a.program == "all" else (a.program,)
-    failed = []
+    failed, peaks = [], {}
     for program in programs:
         if program == "train":
+            per_rank = shapes.train_batch / dp
+            split = f", each split over sequence={mc.sequence}" if mc.sequence > 1 else ""
             title = (f"train (CISPO step, AdamW on float32 master weights): {shapes.train_batch} x {shapes.seq_len} "
-                     f"tokens, {shapes.train_batch / dp:g} sequence(s) per data-parallel rank")
+                     f"tokens, {per_rank:g} sequence(s) per data-parallel rank{split}")
             lowered, args = aot.lower_train(cfg, optim, mesh, shapes)
         elif program == "prefill":
             title = (f"prefill: {shapes.rollout_batch} x {shapes.prompt_len} prompt tokens into a cache of "
@@ -233,13 +309,14 @@ def main(argv=None) -> int:
             print(f"  try: {suggestion(mc, program, state_bytes, hbm or math.inf, cfg, a.topology)}")
             failed.append(program)
             continue
+        peaks[program] = c.peak
         if not _report(c, hbm, cfg):
             failed.append(program)
         print("  arguments per chip:")
         for line in describe_args(program, args, a.top):
             print("    " + line)
     print(f"\n{'DOES NOT FIT: ' + ', '.join(failed) if failed else 'all programs fit'}")
-    return 1 if failed else 0
+    return failed, peaks
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from m1jax.model import MiniMaxM1, ModelConfig
 from m1jax.sharding import AXES, MeshConfig, spec_for
 
 LIN, FULL = "linear_attention", "full_attention"
+GiB = 2**30
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='needs libtpu: pip install -e ".[tpu]"')
 SMALL = ["--config=configs/tiny.py", "--model.num_layers=2", f"--model.layer_types=['{LIN}','{FULL}']",
@@ -125,3 +126,48 @@ def test_bad_mesh_is_an_argument_error(capsys):
         plan.main(SMALL + ["--mesh.fsdp=3"])
     assert e.value.code == 2
     assert "choose --mesh.* sizes whose product is 4" in capsys.readouterr().err
+
+
+def test_auto_meshes_prefer_the_least_communication_that_fits():
+    """--mesh=auto's candidates: every one multiplies to the chips and splits the batch; those
+    estimated to fit come first, with no sequence axis while one fits; when the state alone leaves
+    too little room for a whole sequence per chip group, the sequence axis splits it."""
+    from m1jax.memory_plan import plan as estimate
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=32,
+                      layer_types=(LIN,) * 7 + (FULL,), num_experts=8, intermediate_size=512, rotary_dim=32)
+    found = plan.auto_meshes(cfg, 64, 8, 4096, hbm=16 * GiB)
+    assert all(mc.size == 64 and 8 % (mc.fsdp * mc.expert) == 0 for _, mc in found)
+    first = found[0][1]
+    assert found[0][0] <= 0.9 * 16 * GiB and first.sequence == 1, found[:3]
+    # 32x the length: one sequence per chip group no longer fits without splitting it.
+    long = plan.auto_meshes(cfg, 64, 8, 4096 * 32, hbm=16 * GiB)
+    assert long[0][0] <= 0.9 * 16 * GiB and long[0][1].sequence > 1, long[:3]
+    assert all(estimate(cfg, mc, 8, 4096 * 32)["total"] > 0.9 * 16 * GiB for _, mc in long if mc.sequence == 1)
+
+
+@needs_libtpu
+def test_plan_compiles_a_sequence_axis_with_the_pallas_kernel(capsys, monkeypatch):
+    """The 2-layer model with its length split over sequence=2 (x tensor=2) on v5p-8: the train step
+    runs the Pallas forward and both backward kernels inside each shard, and the prefill fits."""
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
+    code = plan.main(SMALL + ["--mesh.fsdp=1", "--mesh.sequence=2", "--mesh.tensor=2", "--batch=2", "--seq_len=512",
+                              "--rollout_batch=2", "--prompt_len=256", "--context=1024", "--prefill_chunk=256",
+                              "--program=train"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "'sequence': 2" in out and "each split over sequence=2" in out
+    for name in ("lightning_fwd", "lightning_bwd_dq", "lightning_bwd_dkv"):
+        assert name in out, out
+
+
+@needs_libtpu
+def test_plan_auto_mesh_chooses_and_compiles(capsys, monkeypatch):
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
+    code = plan.main(SMALL + ["--mesh=auto", "--program=train", "--batch=4", "--seq_len=256", "--max_tries=1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "mesh auto: " in out and "mesh auto: chose {'data': 1," in out and "peak train" in out
+    with pytest.raises(SystemExit) as e:
+        plan.main(SMALL + ["--mesh=auto", "--mesh.fsdp=2", "--batch=4"])
+    assert e.value.code == 2 and "drop the --mesh.* flags" in capsys.readouterr().err
