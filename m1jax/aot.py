@@ -231,6 +231,10 @@ class Compiled:
     lightning_kernels: dict[str, int]  # Pallas lightning kernels (lightning_fwd, ...) in the optimized HLO
     hlo: str
 
+    @property
+    def collectives(self) -> dict[str, tuple[int, int]]:
+        return collective_bytes(self.hlo)
+
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
                  "generated_code_size_in_bytes", "host_argument_size_in_bytes", "host_temp_size_in_bytes")
@@ -248,6 +252,27 @@ def compile_lowered(program: str, lowered) -> Compiled:
     return Compiled(program, seconds, {f: int(getattr(ma, f)) for f in MEMORY_FIELDS}, int(ma.peak_memory_in_bytes),
                     float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan"))),
                     lightning_kernels(hlo), hlo)
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collective_bytes(hlo: str) -> dict[str, tuple[int, int]]:
+    """{collective: (ops, result bytes per chip)} over the instructions of the optimized HLO text,
+    async starts counted once. A loop body's collectives are counted once, not per trip."""
+    out: dict[str, tuple[int, int]] = {}
+    pattern = re.compile(r"= (\(?[^=]*?\)?) (" + "|".join(_COLLECTIVES) + r")(-start)?\(")
+    for line in hlo.splitlines():
+        m = pattern.search(line)
+        if not m or "-done(" in line:
+            continue
+        nbytes = sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(x) for x in dims.split(",") if x)
+                     for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)))
+        n, b = out.get(m.group(2), (0, 0))
+        out[m.group(2)] = (n + 1, b + nbytes)
+    return out
 
 
 def lightning_kernels(hlo: str) -> dict[str, int]:

@@ -151,6 +151,10 @@ def _report(c, hbm: float | None, cfg) -> bool:
     print("  memory_analysis (per chip): " + ", ".join(f"{k.replace('_size_in_bytes', '')} {v / GiB:.2f} GiB"
                                                       for v, k in fields))
     print(f"  cost_analysis (per chip): {c.flops:.4g} flops, {c.bytes_accessed:.4g} bytes accessed")
+    comms = c.collectives
+    if comms:
+        print("  collectives in the HLO (per chip; a loop body once): " + ", ".join(
+            f"{k} x{n} {b / GiB:.2f} GiB" for k, (n, b) in sorted(comms.items())))
     kernels = ", ".join(f"{k} x{n}" for k, n in sorted(c.lightning_kernels.items())) or "none"
     print(f"  lightning: {cfg.lightning_impl} ({cfg.pallas_backend}); Pallas kernels in the compiled HLO: {kernels}")
     if not c.lightning_kernels and any(t == LINEAR for t in cfg.layer_types):
