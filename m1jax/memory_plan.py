@@ -64,8 +64,8 @@ def activation_bytes(cfg: ModelConfig, mc: MeshConfig, batch: int, seq: int) -> 
     * the residual stream saved at every scan step (one per repeat of the layer pattern): R x n x D
       in the compute dtype;
     * one block recomputed in the backward pass, per layer: lightning u, o, y, gate in float32
-      (6 x H d / tensor floats per token), the normed inputs (4 D), and the MoE's dispatched rows
-      (top_k x 1.25 x (4 D + 3 I / tensor) per token, for ``moe_chunk`` tokens at a time when set),
+      (6 x H d / tensor floats per token), the normed inputs (4 D), and the MoE's expert-shard
+      buffers (4 D + 3 I / tensor per row, for ``moe_chunk`` tokens at a time when set),
       counted twice (values and their gradients); one layer's worth with ``remat_layers``;
     * the target log-probs' float32 logits, ``m1jax.lm.LOGITS_CHUNK`` positions at a time;
     * two layers' weights gathered over fsdp in the compute dtype (the one in use and the next).
@@ -79,7 +79,10 @@ def activation_bytes(cfg: ModelConfig, mc: MeshConfig, batch: int, seq: int) -> 
     d, hd, tp = cfg.hidden_size, cfg.num_heads * cfg.head_dim, mc.tensor
     saved = (repeats + (1 if tail else 0)) * n * d * act
     moe_tokens = min(n, cfg.moe_chunk) if cfg.moe_chunk else n
-    moe = moe_tokens * cfg.num_experts_per_tok * 1.25 * (4 * d + 3 * cfg.intermediate_size / tp) * act
+    # the expert shards' buffers: ep x cap rows, cap = tokens x top_k x capacity_factor / ep, or
+    # tokens x top_k when dropless (every buffer sized for all of a device's rows)
+    rows = moe_tokens * cfg.num_experts_per_tok * (cfg.moe_capacity_factor or mc.expert)
+    moe = rows * (4 * d + 3 * cfg.intermediate_size / tp) * act
     per_layer = n * (6 * hd / tp * 4 + 4 * d * act) + moe
     block = 2 * (1 if cfg.remat_layers else len(period)) * per_layer + len(period) * n * d * act
     logits = 3 * max(1, batch // shards) * min(seq, LOGITS_CHUNK) * cfg.vocab_size / tp * 4

@@ -103,7 +103,8 @@ def suggestion(mc, program: str, state_bytes: float, hbm: float, cfg, topology: 
                 f"with --batch / --rollout_batch halved: sequences are split over data x fsdp x expert), or "
                 f"{bigger_txt}")
     what = "--batch" if program == "train" else "--rollout_batch or --context"
-    return f"activations do not fit: a smaller {what} (per chip), or {bigger_txt}"
+    chunk = " or --model.moe_chunk=8192 (the experts take a device's tokens a chunk at a time)," if not cfg.moe_chunk else ""
+    return f"activations do not fit: a smaller {what} (per chip),{chunk} or {bigger_txt}"
 
 
 # Names of the programs' positional arguments (see m1jax.aot.lower_*); train's state is (model, optimizer).

@@ -255,6 +255,13 @@ def batch_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH if a in mesh.shape and mesh.shape[a] > 1)
 
 
+def batch_spec(mesh):
+    """The PartitionSpec entry of a batch dimension on ``mesh``: its batch axes of size > 1, one
+    name, a tuple of several, or None."""
+    bax = batch_axes(mesh)
+    return (bax if len(bax) > 1 else bax[0]) if bax else None
+
+
 def sequence_shards(mesh) -> int:
     """How many ways activations' length dimension is split on ``mesh`` (1 without a mesh)."""
     return 1 if mesh is None or "sequence" not in mesh.shape else mesh.shape["sequence"]

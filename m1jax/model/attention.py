@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from m1jax.model.config import ModelConfig
 from m1jax.model.layers import F32, apply_rope, dtype_of, param
-from m1jax.sharding import batch_axes, current_mesh, sequence_shards
+from m1jax.sharding import batch_spec, current_mesh, sequence_shards
 
 
 class Attention(nnx.Module):
@@ -101,8 +101,7 @@ def _attend_sequence_parallel(attend, mesh, q, k, v, key_ok, cache):
     end (dropped after). Every shard scores all T keys: the work is balanced across shards."""
     b, t, kv = q.shape[0], q.shape[1], q.shape[2]
     n = sequence_shards(mesh)
-    bax = batch_axes(mesh)
-    bspec = (bax if len(bax) > 1 else bax[0]) if bax else None
+    bspec = batch_spec(mesh)
     tp = mesh.shape["tensor"]
     hspec = "tensor" if tp > 1 and kv % tp == 0 else None
     pad = -t % n

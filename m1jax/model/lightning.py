@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from kernels_pallas import combine_sequence_shards, lightning_attention, lightning_decode
 from m1jax.model.config import ModelConfig
 from m1jax.model.layers import F32, dtype_of, param, rms_norm
-from m1jax.sharding import batch_axes, current_mesh, sequence_shards
+from m1jax.sharding import batch_spec, current_mesh, sequence_shards
 
 
 def _lightning_op(q, k, v, decay_rate, state, cfg: ModelConfig):
@@ -34,8 +34,7 @@ def _lightning_op(q, k, v, decay_rate, state, cfg: ModelConfig):
     if mesh is None:
         return op(q, k, v, decay_rate, state)
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
-    bax = batch_axes(mesh)
-    bspec = (bax if len(bax) > 1 else bax[0]) if bax else None
+    bspec = batch_spec(mesh)
     hspec = "tensor" if h % mesh.shape["tensor"] == 0 and mesh.shape["tensor"] > 1 else None
     s_spec = P(bspec, hspec, None, None)
     n = sequence_shards(mesh)

@@ -189,8 +189,7 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
     num_experts, _, inter = w1.shape
     e_loc = num_experts // ep
     mlp = "tensor" if tp > 1 and inter % tp == 0 else None
-    bspec = bax if len(bax) != 1 else bax[0]
-    bspec = bspec or None
+    bspec = shd.batch_spec(mesh)
     seq = shd.sequence_shards(mesh)
     sspec = "sequence" if seq > 1 else None
     stat_axes = bax + (("sequence",) if sspec else ())
