@@ -40,7 +40,7 @@ def get_config():
     c.checkpoint = ml_collections.ConfigDict(dict(every=20, keep=2))
     # The devices sampling and training share (m1jax.sharding): sizes of (data, fsdp, expert, tensor),
     # one of them may be -1 (the devices the others leave); e.g. --config.mesh.data=-1 on a TPU host.
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1))
     c.max_nonfinite_in_a_row = 5
     c.log_every = 25
     c.crash_after_step = ml_collections.config_dict.placeholder(int)  # testing hook: exit after this step

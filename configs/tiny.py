@@ -49,5 +49,5 @@ def get_config():
         record_routing=False,  # also write every token's top-k expert ids (routing replay)
         sort_by_length=False,  # batch prompts of similar length (less padding; output in batch order)
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))  # one axis may be -1: the rest
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1))  # one axis may be -1: the rest
     return c
