@@ -103,7 +103,7 @@ def suggestion(mc, program: str, state_bytes: float, hbm: float, cfg, topology: 
                 f"with --batch / --rollout_batch halved: sequences are split over data x fsdp x expert), or "
                 f"{bigger_txt}")
     what = "--batch" if program == "train" else "--rollout_batch or --context"
-    chunk = " or --model.moe_chunk=8192 (the experts take a device's tokens a chunk at a time)," if not cfg.moe_chunk else ""
+    chunk = "" if cfg.moe_chunk else " or --model.moe_chunk=8192 (the experts take a device's tokens a chunk at a time),"
     return f"activations do not fit: a smaller {what} (per chip),{chunk} or {bigger_txt}"
 
 
@@ -164,9 +164,9 @@ def _report(c, hbm: float | None, cfg) -> bool:
     return fits
 
 
-def auto_meshes(cfg, chips: int, batch: int, seq_len: int, hbm: float) -> list[tuple[float, "MeshConfig"]]:
-    """Candidate meshes for a train step of ``batch`` x ``seq_len`` tokens on ``chips``, with the
-    analytic per-chip estimate of ``m1jax.memory_plan.plan`` (parameters, gradients and AdamW moments
+def auto_meshes(cfg, chips: int, batch: int, seq_len: int, hbm: float) -> list:
+    """Candidate (estimate, MeshConfig) pairs for a train step of ``batch`` x ``seq_len`` tokens on
+    ``chips``, with the analytic per-chip estimate of ``m1jax.memory_plan.plan`` (parameters, gradients and AdamW moments
     exact; activations estimated), in the order to try: those estimated to fit ``hbm`` (with 10%
     for what the estimate leaves out) first, least sequence and tensor parallelism first (the axes
     that communicate inside a layer), then most expert parallelism (a chip keeps its experts'
@@ -188,7 +188,8 @@ def auto_meshes(cfg, chips: int, batch: int, seq_len: int, hbm: float) -> list[t
                     continue
                 mc = MeshConfig(fsdp=rest, expert=expert, sequence=sequence, tensor=tensor)
                 found.append((estimate(cfg, mc, batch, seq_len)["total"], mc))
-    fits = sorted((r for r in found if r[0] <= 0.9 * hbm), key=lambda r: (r[1].sequence * r[1].tensor, r[1].sequence, -r[1].expert, r[0]))
+    order = lambda r: (r[1].sequence * r[1].tensor, r[1].sequence, -r[1].expert, r[0])  # noqa: E731
+    fits = sorted((r for r in found if r[0] <= 0.9 * hbm), key=order)
     return fits + sorted((r for r in found if r[0] > 0.9 * hbm), key=lambda r: r[0])
 
 

@@ -173,8 +173,8 @@ def test_rollout_prefill_on_a_sequence_axis_equals_one_device():
     mesh, model = _on_mesh(model1, shd.MeshConfig(data=2, sequence=4))
     graphdef, state = nnx.split(model)
     with jax.set_mesh(mesh):
-        out = jax.device_get(prefill(graphdef, state, *(jax.device_put(x, shd.batch_sharding(mesh)) for x in (ids, mask)),
-                                     max_new=3, chunk=5))
+        args = (jax.device_put(x, shd.batch_sharding(mesh)) for x in (ids, mask))
+        out = jax.device_get(prefill(graphdef, state, *args, max_new=3, chunk=5))
     for a, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
         _close(a, r)
     np.testing.assert_array_equal(np.argmax(out[0], -1), np.argmax(ref[0], -1))

@@ -46,7 +46,8 @@ def combine_sequence_shards(q, out, state, decay_rate, initial_state, *, axis_na
         s = jnp.einsum("jh,jbhde->bhde", w, states, precision=HIGHEST)
         if initial_state is not None:
             # upto L - pad < 0 only for upto = 0, whose first `pad` queries are zeros (lam^-pad is finite)
-            s = s + jnp.exp(-sigma * jnp.asarray(upto * length - pad, F32))[None, :, None, None] * initial_state.astype(F32)
+            decay = jnp.exp(-sigma * jnp.asarray(upto * length - pad, F32))[None, :, None, None]
+            s = s + decay * initial_state.astype(F32)
         return s
 
     s_in = prefix(i)

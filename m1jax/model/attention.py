@@ -99,7 +99,7 @@ def _attend_sequence_parallel(attend, mesh, q, k, v, key_ok, cache):
     whole cache. The causal mask uses the rows' global indices, so padding and left-padded prompts
     behave exactly as on one device. A length the axis does not divide gets padding rows at the
     end (dropped after). Every shard scores all T keys: the work is balanced across shards."""
-    b, t, kv = q.shape[0], q.shape[1], q.shape[2]
+    t, kv = q.shape[1], q.shape[2]
     n = sequence_shards(mesh)
     bspec = batch_spec(mesh)
     tp = mesh.shape["tensor"]

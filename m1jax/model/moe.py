@@ -231,14 +231,18 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
         weights, ids, probs = route(logits, top_k)
         stats = _router_stats(probs, ids, mask.reshape(-1).astype(F32), num_experts)
         if stat_axes:  # global sums; the per-token routing stays sharded like the tokens
-            stats = stats._replace(**{f: jax.lax.psum(getattr(stats, f), stat_axes) for f in ("prob_sum", "count", "rows")})
+            stats = stats._replace(**{f: jax.lax.psum(getattr(stats, f), stat_axes)
+                                      for f in ("prob_sum", "count", "rows")})
         stats = stats._replace(expert_ids=stats.expert_ids.reshape(b, t, top_k))
         if not chunk or n <= chunk:
             out = dispatch(xf, ids, weights, jnp.ones((n,), bool), w1, w3, w2)
         else:  # chunk by chunk (padding rows are dropped), each recomputed in the backward pass
             c = -(-n // chunk)
             m = -(-n // c)
-            pad = lambda a: jnp.pad(a, ((0, c * m - n),) + ((0, 0),) * (a.ndim - 1)).reshape(c, m, *a.shape[1:])  # noqa: E731
+
+            def pad(a):  # [n, ...] -> [c, m, ...]
+                return jnp.pad(a, ((0, c * m - n),) + ((0, 0),) * (a.ndim - 1)).reshape(c, m, *a.shape[1:])
+
             xs = (pad(xf), pad(ids), pad(weights), pad(jnp.ones((n,), bool)))
             out = jax.lax.map(jax.checkpoint(lambda a: dispatch(*a, w1, w3, w2)), xs).reshape(c * m, d)[:n]
         return out.astype(x.dtype).reshape(b, t, d), stats
