@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m1jax.model import MiniMaxM1, ModelConfig
 from m1jax.model.config import LINEAR
 from m1jax.optim import OptimConfig, make_optimizer
-from m1jax.sharding import AXES, MeshConfig, batch_axes, make_mesh, spec_for, state_shardings
+from m1jax.sharding import AXES, MeshConfig, batch_spec, make_mesh, spec_for, state_shardings
 
 GiB = 2**30
 # HBM per chip as libtpu's compiler budgets it (the figure in its out-of-memory message), by device_kind.
@@ -111,9 +111,7 @@ def abstract_state(make: Callable[[], Any], mesh):
 
 
 def _batch_spec(mesh, ndim: int) -> P:
-    bax = batch_axes(mesh)
-    first = (bax if len(bax) > 1 else bax[0]) if bax else None
-    return P(first, *([None] * (ndim - 1)))
+    return P(batch_spec(mesh), *([None] * (ndim - 1)))
 
 
 def batch_array(mesh, shape, dtype) -> jax.ShapeDtypeStruct:

@@ -226,7 +226,9 @@ def main(argv=None) -> int:
                 raise aot.PlanError("--mesh=auto chooses every axis: drop the --mesh.* flags (or --mesh=auto).")
             if not a.batch:
                 raise aot.PlanError("--mesh=auto needs --batch (the meshes it may choose split the batch differently).")
-            candidates = [mc for _, mc in auto_meshes(cfg, len(devices), a.batch, seq_len, hbm or math.inf)]
+            ranked = auto_meshes(cfg, len(devices), a.batch, seq_len, hbm or math.inf)
+            estimates = {mc: est for est, mc in ranked}
+            candidates = [mc for _, mc in ranked]
             if not candidates:
                 raise aot.PlanError(f"--mesh=auto: no mesh of {len(devices)} chips splits --batch={a.batch} "
                                     f"and --seq_len={seq_len}; use a batch that is a power of two.")
@@ -255,12 +257,9 @@ def main(argv=None) -> int:
           f"{len(devices)} x {kind}, HBM {'unknown' if hbm is None else f'{hbm / GiB:.2f} GiB'} per chip")
     programs = PROGRAMS if a.program == "all" else (a.program,)
     if a.mesh == "auto":
-        from m1jax.memory_plan import plan as estimate
-
         print(f"mesh auto: {len(runs)} candidates; trying up to {a.max_tries}, in order:")
         for mc, _, _ in runs[:a.max_tries]:
-            print(f"  {dict(zip(AXES, mc.shape))}: estimated {estimate(cfg, mc, a.batch, seq_len)['total'] / GiB:.1f} "
-                  "GiB per chip")
+            print(f"  {dict(zip(AXES, mc.shape))}: estimated {estimates[mc] / GiB:.1f} GiB per chip")
     for mc, mesh, shapes in runs[:a.max_tries]:
         failed, peaks = _plan_mesh(a, cfg, optim, sampling, mc, mesh, shapes, programs, hbm)
         if a.mesh == "auto":

@@ -246,9 +246,7 @@ def constrain(x, *logical):
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """[batch, seq, ...] arrays: batch over data x fsdp x expert."""
-    axes = tuple(a for a in BATCH if mesh.shape[a] > 1)
-    first = None if not axes else (axes[0] if len(axes) == 1 else axes)
-    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P(batch_spec(mesh), *([None] * (ndim - 1))))
 
 
 def batch_axes(mesh) -> tuple[str, ...]:
