@@ -2,6 +2,16 @@
 m1jax decode time per token at a short vs a long context. Measured side by side in one run.
 
     python benchmarks/rollout.py [--new_tokens=256] [--batches=8,32] [--contexts=1024,32768]
+
+RL's long-tailed completion lengths: continuous batching (the slot engine) vs static batching on
+the same engine and slots, and vs transformers' generate (static batches of as many rows):
+
+    python benchmarks/rollout.py --workload=longtail [--slots=32] [--no_hf]
+
+256 samples (32 prompts x 8) with lengths drawn log-normal (median 64, 5% at >= 8x the median,
+capped at 1024; seed 0), enforced through per-sample limits (no stop token), so any model makes
+this workload. Useful tokens/s counts the samples' tokens; slot occupancy is busy slot-steps over
+all slot-steps. The last line is the continuous/static ratio.
 """
 
 from __future__ import annotations
@@ -60,8 +70,90 @@ def timed(fn, reps=2):
     return best
 
 
+def longtail_lengths(n: int = 256, median: int = 64, cap: int = 1024, seed: int = 0):
+    """n lengths, log-normal with the median and 5% at >= 8x it (sigma = ln 8 / 1.645), in [1, cap]."""
+    sigma = np.log(8) / 1.6449
+    x = np.random.default_rng(seed).lognormal(np.log(median), sigma, size=n)
+    return np.clip(np.round(x), 1, cap).astype(np.int64)
+
+
+def hf_longtail(hf_model, prompts, limits, rows: int):
+    """transformers generate() on the workload in static batches of ``rows`` samples (in order),
+    each sample stopping at its limit (a per-row stopping criterion): (seconds, useful tokens)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AtLimit(StoppingCriteria):
+        def __init__(self, start, limit):
+            self.start, self.limit = start, torch.tensor(limit)
+
+        def __call__(self, input_ids, scores, **kw):
+            return (input_ids.shape[1] - self.start) >= self.limit
+
+    t, useful = time.perf_counter(), 0
+    for b in range(0, len(prompts), rows):
+        batch, lim = prompts[b:b + rows], limits[b:b + rows]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.no_grad():
+            out = hf_model.generate(ids, attention_mask=mask, do_sample=True, top_p=0.95,
+                                    max_new_tokens=int(lim.max()), pad_token_id=0, eos_token_id=None,
+                                    stopping_criteria=StoppingCriteriaList([AtLimit(width, lim.tolist())]))
+        assert out.shape[1] - width == lim.max()
+        useful += int(lim.sum())
+    return time.perf_counter() - t, useful
+
+
+def longtail(a, hf_model, model):
+    from m1jax.rollout import generate_slots
+
+    g, cap = 8, 1024
+    limits = longtail_lengths(cap=cap).reshape(-1, g)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 512, size=rng.integers(16, 49)).tolist() for _ in range(len(limits))]
+    sp = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=cap)
+    flat = limits.reshape(-1)
+    print(f"longtail: {flat.size} samples ({len(prompts)} prompts x {g}), lengths median {np.median(flat):.0f}, "
+          f"mean {flat.mean():.1f}, {np.mean(flat >= 8 * 64) * 100:.1f}% >= 512, max {flat.max()}, "
+          f"{flat.sum()} tokens; {a.slots} slots")
+    run = functools.partial(generate_slots, model, prompts, sp, g, slots=a.slots, max_new_tokens=limits,
+                            key=jax.random.key(0))
+    small = functools.partial(generate_slots, model, prompts[:2], sp, g, slots=a.slots, max_new_tokens=limits[:2],
+                              prompt_width=64, key=jax.random.key(0))
+    small(), small(continuous=False)  # compile both modes' programs (the same shapes as the runs)
+    res = {}
+    for mode in ("continuous", "static", "continuous", "static"):  # interleaved: a slow spell hits both
+        t = time.perf_counter()
+        r = run(continuous=mode == "continuous", prompt_width=64)
+        dt = time.perf_counter() - t
+        assert int(r.rollout.lengths.sum()) == flat.sum() == r.busy_steps
+        if mode not in res or dt < res[mode][0]:
+            res[mode] = (dt, r)
+    same = all(np.array_equal(getattr(res["continuous"][1].rollout, f), getattr(res["static"][1].rollout, f))
+               for f in ("tokens", "logprobs", "lengths", "finish_reason"))
+    print(f"{'engine':>26} | {'useful tok/s':>12} | {'seconds':>7} | {'slot occupancy':>14} | segments")
+    for mode, (dt, r) in res.items():
+        print(f"{'m1jax ' + mode:>26} | {flat.sum() / dt:>12,.0f} | {dt:>7.2f} | {r.occupancy:>14.3f} | {r.segments}")
+    if hf_model is not None:
+        import torch
+
+        torch.manual_seed(0)
+        rows = [p for p in prompts for _ in range(g)]
+        dt, useful = hf_longtail(hf_model, rows, flat, a.slots)
+        steps = sum(flat[b:b + a.slots].max() for b in range(0, flat.size, a.slots)) * a.slots
+        print(f"{'transformers (static)':>26} | {useful / dt:>12,.0f} | {dt:>7.2f} | {useful / steps:>14.3f} | "
+              f"{-(-flat.size // a.slots)} batches")
+        print(f"continuous vs transformers useful tokens/s: {dt / res['continuous'][0]:.2f}x")
+    print(f"continuous and static samples identical: {same}")
+    print(f"longtail continuous/static useful tokens/s: {res['static'][0] / res['continuous'][0]:.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--workload", choices=("throughput", "longtail"), default="throughput")
+    p.add_argument("--slots", type=int, default=32)
+    p.add_argument("--no_hf", action="store_true", help="longtail: skip transformers")
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--batches", default="8,32")
@@ -73,6 +165,10 @@ def main():
     torch.set_num_threads(os.cpu_count() or 2)
     hf_model = tiny_hf_model()
     model = as_m1jax(hf_model)
+    if a.workload == "longtail":
+        print(f"tiny MiniMax ({model.cfg.param_count():,} params), top-p 0.95, CPU {os.cpu_count()} threads, "
+              f"loadavg {os.getloadavg()[0]:.2f}")
+        return longtail(a, None if a.no_hf else hf_model, model)
     print(f"tiny MiniMax ({model.cfg.param_count():,} params), prompt {a.prompt}, {a.new_tokens} new tokens, "
           f"top-p 0.95, CPU {os.cpu_count()} threads, loadavg {os.getloadavg()[0]:.2f}")
     sp = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=a.new_tokens)

@@ -146,7 +146,9 @@ class MiniMaxM1(nnx.Module):
         """Final-normed hidden states [batch, seq, hidden], per-layer RouterStats and the new cache.
 
         cache: from ``init_cache`` (hybrid: lightning states and softmax KV caches) or None.
-        With a cache, ``input_ids`` are written at column ``cache_index`` of the KV caches.
+        With a cache, ``input_ids`` are written at column ``cache_index`` of the KV caches: one
+        column for all rows (an int), or for a single new token per row, a column per row (an int32
+        array [batch]: the slot engine, whose rows are at different steps).
         """
         cfg = self.cfg
         b, t = input_ids.shape
@@ -175,7 +177,7 @@ class MiniMaxM1(nnx.Module):
             new_cache = {
                 "blocks": _write_columns(cache["blocks"], blocks_new, cache_index),
                 "tail": None if self.tail is None else _write_columns(cache["tail"], tail_new, cache_index),
-                "key_valid": jax.lax.dynamic_update_slice(key_valid, new_valid, (0, cache_index)),
+                "key_valid": _write_valid(key_valid, new_valid, cache_index),
             }
         return self.final_norm(x), stats, new_cache
 
@@ -229,12 +231,23 @@ class MiniMaxM1(nnx.Module):
 def _write_columns(cache, new, cache_index):
     """The cache after a step: lightning entries replaced by their new states, softmax entries with
     the new tokens' k/v [repeats, batch, kv_heads, seq, head_dim] written at column cache_index (an
-    in-place update when the cache is a loop carry)."""
+    in-place update when the cache is a loop carry); a cache_index per row [batch] writes one
+    token's column in each row."""
 
     def write(old, cols):
+        if jnp.ndim(cache_index):
+            rows = jnp.arange(old.shape[1])  # advanced indices around a slice: [batch, repeats, kv, d]
+            return old.at[:, rows, :, cache_index].set(cols[:, :, :, 0].swapaxes(0, 1).astype(old.dtype))
         return jax.lax.dynamic_update_slice(old, cols.astype(old.dtype), (0, 0, 0, cache_index, 0))
 
     return [jax.tree.map(write, old, e) if "k" in old else e for old, e in zip(cache, new)]
+
+
+def _write_valid(key_valid, new_valid, cache_index):
+    """key_valid [batch, max_len] with the new tokens' mask [batch, seq] written at cache_index."""
+    if jnp.ndim(cache_index):
+        return key_valid.at[jnp.arange(key_valid.shape[0]), cache_index].set(new_valid[:, 0])
+    return jax.lax.dynamic_update_slice(key_valid, new_valid, (0, cache_index))
 
 
 def layer_index(cfg: ModelConfig, l: int) -> tuple[str, int, int]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 from typing import NamedTuple
 
@@ -144,17 +147,36 @@ def expert_mlp_gathered(x, ids, weights, w1, w3, w2):
     return y.reshape(n, k, -1).sum(axis=1)
 
 
-def expert_mlp_cpu(x, ids, weights, w1, w3, w2):
+_BATCH_INVARIANT = contextvars.ContextVar("m1jax_moe_batch_invariant", default=False)
+
+
+@contextlib.contextmanager
+def batch_invariant():
+    """While tracing inside this context, the CPU experts pick their implementation from shapes
+    alone, so that a row's output never depends on the other rows of its batch: the slot engine's
+    guarantee that a sample is the same whichever slots and neighbours it ran with. (Outside it,
+    ``expert_mlp_cpu`` chooses fixed slots or dense by whether the batch's loads fit the slots:
+    both exact, but not bitwise equal, so a row's last bits depended on its neighbours' routing.)"""
+    token = _BATCH_INVARIANT.set(True)
+    try:
+        yield
+    finally:
+        _BATCH_INVARIANT.reset(token)
+
+
+def expert_mlp_cpu(x, ids, weights, w1, w3, w2, invariant: bool = False):
     """The CPU experts, dropless, one compiled program per shape:
 
     * fewer (token, expert) pairs than experts (small-batch decode): only the selected experts'
       weights, gathered (``expert_mlp_gathered``);
     * otherwise fixed slots of 1.5x the balanced load (``expert_mlp_slots``) when every expert's
       tokens fit them, else dense. With E experts and top-k routing the slots do 1.5 k / E of
-      dense's work (tiny config: 3/4)."""
+      dense's work (tiny config: 3/4). ``invariant`` (``batch_invariant()``): dense."""
     n, e, k = x.shape[0], w1.shape[0], ids.shape[1]
     if n * k < e:
         return expert_mlp_gathered(x, ids, weights, w1, w3, w2)
+    if invariant:
+        return expert_mlp_dense(x, ids, weights, w1, w3, w2)
     balanced = -(-n * k // e)  # ceil(n k / e)
     capacity = -(-3 * balanced // 2 // 8) * 8  # 1.5x, rounded up to a multiple of 8 rows
     if capacity >= n:  # small batches: slots would not save anything
@@ -291,7 +313,9 @@ class MoE(nnx.Module):
         logits = jnp.dot(xf.astype(F32), self.router[...], precision=HIGHEST)
         weights, ids, probs = route(logits, cfg.num_experts_per_tok)
         if cfg.moe_impl == "auto":  # chosen when lowering, for the platform compiled for (AOT included)
-            y = jax.lax.platform_dependent(xf, ids, weights, w1, w3, w2, cpu=expert_mlp_cpu, default=expert_mlp)
+            # (the flag is read here: platform_dependent traces its branches outside this call's context)
+            cpu = functools.partial(expert_mlp_cpu, invariant=_BATCH_INVARIANT.get())
+            y = jax.lax.platform_dependent(xf, ids, weights, w1, w3, w2, cpu=cpu, default=expert_mlp)
         else:
             y = (expert_mlp_dense if cfg.moe_impl == "dense" else expert_mlp)(xf, ids, weights, w1, w3, w2)
         stats = _router_stats(probs, ids, row_mask.reshape(-1), cfg.num_experts)

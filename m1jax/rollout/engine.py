@@ -20,8 +20,8 @@ from m1jax.model import MiniMaxM1
 from m1jax.rollout.sampling import SamplingParams, sample
 from m1jax.sharding import batch_shards, current_mesh
 
-RUNNING, STOP, LENGTH, REPETITION = 0, 1, 2, 3
-FINISH_REASONS = {RUNNING: "running", STOP: "stop", LENGTH: "length", REPETITION: "repetition"}
+RUNNING, STOP, LENGTH, REPETITION, ERROR = 0, 1, 2, 3, 4
+FINISH_REASONS = {RUNNING: "running", STOP: "stop", LENGTH: "length", REPETITION: "repetition", ERROR: "error"}
 
 
 class Rollout(NamedTuple):

@@ -87,7 +87,8 @@ def truncate(scaled, top_k: int, top_p: float):
 
 
 def sample(logits, key, params: SamplingParams) -> Sample:
-    """logits [B, V] (float32) -> Sample."""
+    """logits [B, V] (float32) -> Sample. ``key``: one key for the batch, or a key per row [B]
+    (row b's token then depends on its key and logits only, not on the batch it is in)."""
     logits = logits.astype(F32)
     if params.greedy:
         token = jnp.argmax(logits, axis=-1)
@@ -96,7 +97,10 @@ def sample(logits, key, params: SamplingParams) -> Sample:
     scaled = logits / params.temperature
     full = jax.nn.log_softmax(scaled)
     masked = truncate(scaled, params.top_k, params.top_p)
-    token = jax.random.categorical(key, masked, axis=-1)
+    if key.ndim:
+        token = jax.vmap(jax.random.categorical)(key, masked)
+    else:
+        token = jax.random.categorical(key, masked, axis=-1)
     at = lambda x: jnp.take_along_axis(x, token[:, None], axis=-1)[:, 0]  # noqa: E731
     lp = at(full)
     return Sample(token.astype(jnp.int32), lp, at(jax.nn.log_softmax(masked)), jnp.exp(lp))
