@@ -21,15 +21,24 @@ see m1jax/rollout/sampling.py) and the finish reason (stop, length, repetition);
 config.rollout.record_routing, also the top-k expert ids of every prompt and completion token in
 every layer ("prompt_routing", "routing": [token][layer][k]), for routing replay in training.
 
-Prompts are sampled in batches of config.rollout.batch_size (in file order, or by length with
-config.rollout.sort_by_length: less left padding to prefill and attend over), each written (and synced) as soon as it
-is done, with a key of its own (the seed folded with the batch's number). --resume continues an
-interrupted output: it keeps the finished batches, drops a partly written one, and samples the rest;
-with the same prompts, config and seed the file ends byte for byte as one uninterrupted run's.
+Sampling runs on config.rollout.slots slots (0: batch_size x num_samples) with continuous batching
+(config.rollout.engine="continuous", m1jax/rollout/slots.py): a slot whose sample has ended takes the
+next pending sample at once. Each sample has a key of its own (the seed folded with its prompt's line
+number and its sample number), so it does not depend on the slots it shared. A prompt's lines are
+written (and synced) as soon as all its samples are done, and at the end the file is rewritten in
+order: the errors, then the samples by prompt and sample. --resume continues an interrupted output:
+it keeps the prompts whose samples were all written and samples the rest; with the same prompts,
+config and seed the file ends byte for byte as one uninterrupted run's.
+
+config.rollout.engine="static" samples in static batches of batch_size prompts instead (in file
+order, or by length with sort_by_length), each run until its longest sample ends, with a key per
+batch (the seed folded with the batch's number), written in batch order; --resume keeps finished
+batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -111,6 +120,11 @@ def check_rollout_config(ro) -> None:
     for key in ("record_routing", "sort_by_length"):
         if not isinstance(ro.get(key, False), bool):
             raise ValueError(f"rollout.{key}={ro[key]!r}: must be True or False.")
+    if ro.get("engine", "continuous") not in ("continuous", "static"):
+        raise ValueError(f"rollout.engine={ro.engine!r}: use 'continuous' (the slot engine) or 'static'.")
+    slots = ro.get("slots", 0)
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+        raise ValueError(f"rollout.slots={slots!r}: must be an integer >= 0 (0: batch_size x num_samples).")
     kv = ro.get("kv_dtype", "")
     if kv not in ("", "float32", "bfloat16"):
         raise ValueError(f"rollout.kv_dtype={kv!r}: use '' (the model's compute dtype), 'float32' or 'bfloat16'.")
@@ -225,6 +239,40 @@ def progress(done: int, total: int, start: float, tokens: int):
     sys.stderr.flush()
 
 
+def sample_continuously(model, good: list, done: set, kept: list, sp, ro, tok, seed_key, shards: int,
+                        primary: bool) -> list[str]:
+    """Sample the prompts of ``good`` [(index, ids)] not in ``done`` (positions in good) on the slot
+    engine, appending each prompt's lines to the output as soon as its samples are done. Returns the
+    new lines. The slots' prompt width is the bucket of the longest of all ``good`` prompts, and the
+    keys fold in the prompts' line numbers, so a resumed run samples exactly what one run would."""
+    from m1jax import storage
+    from m1jax.rollout import generate_slots
+
+    todo = [p for n, p in enumerate(good) if n not in done]
+    slots = ro.get("slots", 0) or ro.batch_size * ro.num_samples
+    slots = -(-slots // shards) * shards
+    lines, start, tokens = [], time.perf_counter(), 0
+    with storage.open_append(_OUTPUT.value) if primary else contextlib.nullcontext() as out:
+        def on_done(p, r):
+            nonlocal tokens
+            tokens += int(r.lengths.sum())
+            new = sample_lines([todo[p]], r, ro.num_samples, tok)
+            lines.extend(new)
+            if out:  # synced: a crash loses the prompts in flight only
+                out.write("".join(line + "\n" for line in new))
+                out.flush()
+                if not storage.is_remote(_OUTPUT.value):
+                    os.fsync(out.fileno())
+                progress(len(good) - len(todo) + len(lines) // ro.num_samples, len(good), start, tokens)
+
+        if todo:
+            generate_slots(model, [ids for _, ids in todo], sp, ro.num_samples, slots=slots,
+                           prompt_index=[i for i, _ in todo], key=seed_key,
+                           prompt_width=max(len(ids) for _, ids in good), kv_dtype=ro.get("kv_dtype") or None,
+                           record_routing=ro.get("record_routing", False), on_done=on_done)
+    return lines
+
+
 def load_model(checkpoint: str | None, config, mesh):
     """The model of a train.py run (local or gs://), of a MiniMax checkpoint directory, or (no
     checkpoint) a randomly initialized model of ``config.model``: on a mesh of several devices every
@@ -251,7 +299,6 @@ def load_model(checkpoint: str | None, config, mesh):
 def main(argv):
     del argv
     distributed.maybe_initialize(*(f.value for f in _PROCESS_FLAGS))  # before any other JAX call
-    import contextlib
     import dataclasses
 
     import jax
@@ -280,21 +327,35 @@ def main(argv):
     print(sharding.describe_params(model), file=sys.stderr)
     prompts = read_prompts(_PROMPTS.value, model.cfg.vocab_size, ro.max_prompt_len, tok, _BOS.value)
     good = [(i, ids) for i, ids, err in prompts if err is None]
-    batches = plan_batches(good, ro.batch_size, ro.get("sort_by_length", False))
+    continuous = ro.get("engine", "continuous") == "continuous"
+    # continuous: each prompt is its own unit of resumption; static: each batch
+    batches = [[p] for p in good] if continuous else plan_batches(good, ro.batch_size, ro.get("sort_by_length", False))
     primary = distributed.is_primary()  # in a multi-process run process 0 reads and writes the output
     done, kept = finished_lines(_OUTPUT.value, batches, ro.num_samples) if _RESUME.value and primary else (set(), [])
     # every process samples the same batches (the generation is one program over all of them)
     done = set(np.flatnonzero(distributed.from_primary(np.isin(np.arange(len(batches)), list(done)))).tolist())
     if done:
-        print(f"--resume: keeping {len(done)} finished batches ({len(kept)} samples) of {_OUTPUT.value}",
-              file=sys.stderr)
+        print(f"--resume: keeping {len(done)} finished {'prompts' if continuous else 'batches'} ({len(kept)} "
+              f"samples) of {_OUTPUT.value}", file=sys.stderr)
     if primary:
         if not storage.is_remote(_OUTPUT.value):
             os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
         errors = [json.dumps({"index": i, "error": err}) for i, _, err in prompts if err is not None]
         write_atomically(_OUTPUT.value, errors + kept)
+    else:
+        errors = []
     start, tokens, finished = time.perf_counter(), 0, sum(len(batches[n]) for n in done)
     seed_key = jax.random.key(sp.seed)
+    if continuous:
+        errors = errors if primary else []
+        new = sample_continuously(model, good, done, kept, sp, ro, tok, seed_key, sharding.batch_shards(mesh), primary)
+        if primary:  # the final order, whatever order the prompts finished in: errors, then by prompt and sample
+            order = lambda line: (json.loads(line)["index"], json.loads(line)["sample"])  # noqa: E731
+            write_atomically(_OUTPUT.value, errors + sorted(kept + new, key=order))
+            sys.stderr.write("\n")
+            print(f"wrote {len(good) * ro.num_samples} samples ({len(kept)} kept from the interrupted run, "
+                  f"{len(prompts) - len(good)} prompts rejected) to {_OUTPUT.value}")
+        return
     with storage.open_append(_OUTPUT.value) if primary else contextlib.nullcontext() as out:
         for n, batch in enumerate(batches):
             if n in done:

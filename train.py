@@ -52,7 +52,7 @@ def main(argv):
     from m1jax.rl import PRESETS, group_advantages, groups_with_signal, overlong_penalty, token_weights
     from m1jax.rl.batch import rollout_batch
     from m1jax.rl.steps import cispo_step, policy_stats, sft_step
-    from m1jax.rollout import SamplingParams, generate, left_pad
+    from m1jax.rollout import SamplingParams, generate, generate_slots, left_pad
 
     config = _CONFIG.value
     workdir = storage.prepare_dir(_WORKDIR.value)  # local path or gs://bucket/path
@@ -76,6 +76,11 @@ def main(argv):
             raise ValueError("rl.tis_cap needs rl.old_logp='recomputed' (with sampler log-probs as pi_old the "
                              "sampler correction is already inside the CISPO ratio: it would count twice).")
         loss_cfg = dataclasses.replace(loss_cfg, tis_cap=rl.tis_cap)
+    ro = config.get("rollout", {})
+    if ro.get("engine", "continuous") not in ("continuous", "static"):
+        raise ValueError(f"rollout.engine={ro['engine']!r}: use 'continuous' (the slot engine) or 'static'.")
+    if isinstance(ro.get("slots", 0), bool) or not isinstance(ro.get("slots", 0), int) or ro.get("slots", 0) < 0:
+        raise ValueError(f"rollout.slots={ro['slots']!r}: must be an integer >= 0 (0: every sample of a call at once).")
     if rl.prompts_per_step % rl.minibatches:
         raise ValueError(f"rl.minibatches={rl.minibatches} must divide rl.prompts_per_step={rl.prompts_per_step}.")
     print(f"objective: {loss_cfg.describe()}", flush=True)
@@ -175,8 +180,21 @@ def main(argv):
     sampling = SamplingParams(temperature=rl.temperature, max_new_tokens=task.max_new_tokens,
                               stop_token_ids=(tok.eos_id,))
 
-    def sample(probs, params, num_samples=1, key=None):
-        """Completions of problems, prompts left-padded to task.max_prompt_len (one compiled shape)."""
+    engine, slots = ro.get("engine", "continuous"), ro.get("slots", 0)
+
+    def sample(probs, params, num_samples=1, key=None, max_new_tokens=None):
+        """Completions of problems: on the slot engine (fresh slots each call, prompt width
+        task.max_prompt_len and params.max_new_tokens completion columns: one compiled shape; each
+        sample's limit max_new_tokens), or in one static batch, prompts left-padded to
+        task.max_prompt_len."""
+        if engine == "continuous":
+            n = slots or len(probs) * num_samples
+            r = generate_slots(model, [p.prompt_ids for p in probs], params, num_samples, key=key,
+                               slots=-(-n // shards) * shards, max_new_tokens=max_new_tokens,
+                               prompt_width=task.max_prompt_len)
+            return r.rollout
+        if max_new_tokens is not None:
+            params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
         ids, mask = left_pad([p.prompt_ids for p in probs], tok.pad_id)
         pad = ((0, 0), (task.max_prompt_len - ids.shape[1], 0))
         return fetch(generate(model, np.pad(ids, pad, constant_values=tok.pad_id), params,
@@ -240,22 +258,21 @@ def main(argv):
             rl_step = step - meta["sft_end"]
             if curriculum:  # this step's mixture weights
                 rl_it.set_step(rl_step)
-            if windows:  # this step's generation window
-                sampling = dataclasses.replace(sampling, max_new_tokens=windows.window)
+            window = windows.window if windows else task.max_new_tokens  # this step's generation window
             step_probs, step_lengths = [], []
             kept_prompts, kept_tokens, kept_logp, kept_len, kept_rewards, all_rewards = [], [], [], [], [], []
             n_gen = n_failures = 0
             while len(kept_rewards) < rl.prompts_per_step and n_gen < rl.max_gen_batches:
                 probs = [next(rl_it) for _ in range(rl.prompts_per_step)]
                 key, sub = jax.random.split(key)
-                r = sample(probs, sampling, g, sub)
+                r = sample(probs, sampling, g, sub, max_new_tokens=window if windows else None)
                 step_probs += probs
                 step_lengths.append(r.lengths)
                 report = score(probs, r, g)
                 n_failures += report.errors + report.timeouts
                 scores = np.asarray(report.scores).reshape(len(probs), g)
                 if rl.overlong_cache_len > 0:  # DAPO soft overlong penalty, in tokens
-                    scores = scores + overlong_penalty(np.asarray(r.lengths), sampling.max_new_tokens,
+                    scores = scores + overlong_penalty(np.asarray(r.lengths), window,
                                                        rl.overlong_cache_len).reshape(len(probs), g)
                 all_rewards.append(scores)
                 keep = groups_with_signal(scores) if rl.dynamic_sampling else np.ones(len(probs), bool)
@@ -313,7 +330,7 @@ def main(argv):
                 # reward vs length correlation; flag when reward grows with length but "solved" does not
                 rec.update(length_bias.update(all_rewards, np.concatenate(step_lengths), all_rewards >= 1))
             if windows:
-                rec.setdefault("length/window", sampling.max_new_tokens)
+                rec.setdefault("length/window", window)
             log(rec)
             bar.update(step + 1, f"rl reward {rec['reward_mean']:.3f} kept {rec['groups_kept']}")
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == total_steps():

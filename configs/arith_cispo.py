@@ -37,6 +37,10 @@ def get_config():
     ))
     c.rl_optim = ml_collections.ConfigDict(dict(learning_rate=1.5e-4, warmup_steps=0, weight_decay=0.0,
                                                 max_grad_norm=1.0))
+    # RL rollouts and evaluation on the slot engine (m1jax/rollout/slots.py), fresh slots per call;
+    # slots=0: every sample of a call at once; fewer slots are refilled as samples end.
+    # engine="static": one batch run until its longest sample ends.
+    c.rollout = ml_collections.ConfigDict(dict(engine="continuous", slots=0))
     c.checkpoint = ml_collections.ConfigDict(dict(every=20, keep=2))
     # The devices sampling and training share (m1jax.sharding): sizes of (data, fsdp, expert, tensor),
     # one of them may be -1 (the devices the others leave); e.g. --config.mesh.data=-1 on a TPU host.

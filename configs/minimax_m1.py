@@ -56,9 +56,11 @@ def get_config():
     )
     c.rollout = ml_collections.ConfigDict(dict(
         batch_size=16, num_samples=16, max_prompt_len=8192,
+        engine="continuous",  # the slot engine (continuous batching); "static": batches run to their longest sample
+        slots=0,  # sequences decoded together (0: batch_size x num_samples)
         kv_dtype="",  # "bfloat16": the softmax layers' KV caches in bf16 ("" = the compute dtype)
         record_routing=False,  # also write every token's top-k expert ids (routing replay)
-        sort_by_length=False,  # batch prompts of similar length (less padding; output in batch order)
+        sort_by_length=False,  # static engine: batch prompts of similar length (less padding)
     ))
     # 8-way expert parallelism (4 of the 32 experts per device), FSDP over all the other devices
     # (`python -m m1jax.plan` checks a pod shape's memory before a run; --mesh=auto picks one).

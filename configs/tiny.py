@@ -45,9 +45,11 @@ def get_config():
     )
     c.rollout = ml_collections.ConfigDict(dict(
         batch_size=8, num_samples=1, max_prompt_len=1024,
+        engine="continuous",  # the slot engine (continuous batching); "static": batches run to their longest sample
+        slots=0,  # sequences decoded together (0: batch_size x num_samples)
         kv_dtype="",  # "bfloat16": the softmax layers' KV caches in bf16 ("" = the compute dtype)
         record_routing=False,  # also write every token's top-k expert ids (routing replay)
-        sort_by_length=False,  # batch prompts of similar length (less padding; output in batch order)
+        sort_by_length=False,  # static engine: batch prompts of similar length (less padding)
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1))  # one axis may be -1: the rest
     return c

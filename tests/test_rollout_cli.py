@@ -94,7 +94,7 @@ def _rollout(ckpt, prompts, out, *flags):
 
 def test_rollout_cli_resumes_an_interrupted_output(tmp_path):
     """A run cut off mid-batch (its last line torn), resumed, ends byte for byte as one uninterrupted
-    run: finished batches are kept, the torn one is sampled again with its own key."""
+    run: finished prompts are kept, the torn one is sampled again with its own keys."""
     ckpt = tmp_path / "ckpt"
     tiny_hf_model().save_pretrained(ckpt)
     prompts = tmp_path / "prompts.jsonl"
@@ -103,12 +103,12 @@ def test_rollout_cli_resumes_an_interrupted_output(tmp_path):
     res = _rollout(ckpt, prompts, full)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = full.read_text().splitlines(keepends=True)
-    assert [json.loads(x).get("index") for x in lines] == [1, 0, 0, 2, 2, 3, 3]  # the error first, then batches
-    # the crash: batch 0 written, batch 1 half written (its second sample torn), batch 2 never started
+    assert [json.loads(x).get("index") for x in lines] == [1, 0, 0, 2, 2, 3, 3]  # the error first, then by prompt
+    # the crash: prompt 0 written, prompt 2 half written (its second sample torn), prompt 3 never started
     cut.write_text("".join(lines[:4]) + lines[4][:len(lines[4]) // 2])
     res = _rollout(ckpt, prompts, cut, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "keeping 1 finished batches (2 samples)" in res.stderr
+    assert "keeping 1 finished prompts (2 samples)" in res.stderr
     assert cut.read_text() == full.read_text()
     # a different prompts file does not silently extend the output
     other = tmp_path / "other.jsonl"
@@ -218,19 +218,22 @@ def test_batches_are_padded_to_a_few_compiled_shapes():
 
 
 def test_rollout_cli_sort_by_length(tmp_path):
-    """rollout.sort_by_length batches prompts of similar length; each prompt's greedy completion is the
-    same as in file order (left padding does not change it)."""
+    """The static engine: rollout.sort_by_length batches prompts of similar length; each prompt's
+    greedy completion is the same as in file order (left padding does not change it), and as the
+    slot engine's."""
     ckpt = tmp_path / "ckpt"
     tiny_hf_model().save_pretrained(ckpt)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt_ids": list(range(1, n + 1))}) for n in (9, 2, 5, 2)) + "\n")
     rows = {}
-    for sort in (False, True):
+    for sort in (False, True, "slots"):
         out = tmp_path / f"out{sort}.jsonl"
+        engine = "continuous" if sort == "slots" else "static"
         res = _rollout(ckpt, prompts, out, "--config.sampling.greedy=True", "--config.rollout.batch_size=2",
-                       "--config.rollout.num_samples=1", f"--config.rollout.sort_by_length={sort}")
+                       "--config.rollout.num_samples=1", f"--config.rollout.sort_by_length={sort is True}",
+                       f"--config.rollout.engine={engine}")
         assert res.returncode == 0, res.stderr[-3000:]
         rows[sort] = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["index"] for r in rows[False]] == [0, 1, 2, 3] and [r["index"] for r in rows[True]] == [1, 3, 2, 0]
     by_index = {r["index"]: r["completion_ids"] for r in rows[False]}
-    assert all(r["completion_ids"] == by_index[r["index"]] for r in rows[True])
+    assert all(r["completion_ids"] == by_index[r["index"]] for r in rows[True] + rows["slots"])

@@ -91,23 +91,25 @@ def _init(graphdef, state, slots: int, prompt_width: int, max_new: int, kv_dtype
     return out
 
 
+def _fresh_entry(name: str, big, small, s, at):
+    """Cache entry ``big`` (all slots) with slot s set from row 0 of a prefilled prompt's ``small``:
+    a lightning state replaced, the prompt's k/v written at columns at.., and the key mask's whole
+    row rewritten, so that the columns the slot's previous sample wrote are masked."""
+    if name == "key_valid":
+        row = jnp.zeros((1, big.shape[1]), big.dtype)
+        return jax.lax.dynamic_update_slice(big, jax.lax.dynamic_update_slice(row, small[:1], (0, at)), (s, 0))
+    start = (0, s, 0, at, 0) if name in ("k", "v") else (0, s) + (0,) * (big.ndim - 2)
+    return jax.lax.dynamic_update_slice(big, small[:, :1].astype(big.dtype), start)
+
+
 @functools.partial(jax.jit, static_argnames=("prompt_width",), donate_argnames=("slots",))
 def _insert(slots, s, cache, last, n_real, key, prompt_index, sample_index, limit, prompt_width: int):
     """Slot s := a fresh sample of a prefilled prompt (row 0 of ``cache``, its bucket's width):
     its lightning states and KV columns copied in, the key mask and every counter reset."""
-    width = cache["key_valid"].shape[1]
-    at = prompt_width - width  # the prompt's columns end where the completion's begin
-
-    def put(path, big, small):
-        name = _per_slot(path)
-        if name == "key_valid":  # the whole row: stale columns of the slot's last sample are masked
-            row = jnp.zeros((1, big.shape[1]), big.dtype)
-            return jax.lax.dynamic_update_slice(big, jax.lax.dynamic_update_slice(row, small[:1], (0, at)), (s, 0))
-        start = (0, s, 0, at, 0) if name in ("k", "v") else (0, s) + (0,) * (big.ndim - 2)
-        return jax.lax.dynamic_update_slice(big, small[:, :1].astype(big.dtype), start)
-
+    at = prompt_width - cache["key_valid"].shape[1]  # the prompt's columns end where the completion's begin
     out = dict(slots)
-    out["cache"] = jax.tree_util.tree_map_with_path(put, slots["cache"], cache)
+    out["cache"] = jax.tree_util.tree_map_with_path(
+        lambda path, big, small: _fresh_entry(_per_slot(path), big, small, s, at), slots["cache"], cache)
     sample_key = jax.random.fold_in(jax.random.fold_in(key, prompt_index), sample_index)
     out["key"] = slots["key"].at[s].set(jax.random.key_data(sample_key))
     out["last"] = slots["last"].at[s].set(last[0])
@@ -173,7 +175,7 @@ def generate_slots(model, prompts: Sequence[Sequence[int]], params: SamplingPara
                    slots: int = 32, max_new_tokens=None, prompt_index: Sequence[int] | None = None, key=None,
                    prompt_width: int | None = None, prefill_chunk: int = 2048, segment: int = 128,
                    refill: int | None = None, continuous: bool = True, kv_dtype: str | None = None,
-                   record_routing: bool = False) -> SlotRun:
+                   record_routing: bool = False, on_done=None) -> SlotRun:
     """Sample ``num_samples`` completions of each prompt on ``slots`` slots.
 
     prompts: token-id lists. max_new_tokens: each prompt's limit ([P]) or each sample's
@@ -184,6 +186,8 @@ def generate_slots(model, prompts: Sequence[Sequence[int]], params: SamplingPara
     bucket of the longest prompt); fix it, as the key, to get the same samples from different
     calls. ``refill``: a segment returns once this many slots are free (default slots // 16).
     continuous=False: static batching on the same slots (a wave runs until all its samples end).
+    ``on_done(p, rollout)``, if given, is called as soon as all samples of prompt p have ended, with
+    a Rollout of their num_samples rows (host arrays), e.g. to write them out while the rest run.
 
     A prompt that cannot run (empty, longer than prompt_width, ids outside the vocabulary, a limit
     outside [1, max_new_tokens]) gets finish reason "error" and its message in ``errors``; the
@@ -228,6 +232,7 @@ def generate_slots(model, prompts: Sequence[Sequence[int]], params: SamplingPara
         prompt_routing = np.zeros((n_prompts, width, *routing_shape), np.int32)
     pending = collections.deque((p, j) for p in range(n_prompts) if p not in errors for j in range(g))
     prefilled, left = {}, collections.Counter(p for p, _ in pending)
+    unfinished = collections.Counter(left)
 
     def prefill_prompt(p):
         ids, mask = left_pad([prompts[p]] * shards)
@@ -272,6 +277,11 @@ def generate_slots(model, prompts: Sequence[Sequence[int]], params: SamplingPara
                 for k in names[2:]:
                     out[k][row] = host[k][s]
                 free.append(s)
+                unfinished[p] -= 1
+                if not unfinished[p] and on_done is not None:
+                    rows = slice(p * g, (p + 1) * g)
+                    on_done(p, Rollout(**{k: v[rows] for k, v in out.items()},
+                                       **({"prompt_routing": prompt_routing[p:p + 1]} if record_routing else {})))
             free.sort()
     rollout = Rollout(**out, **({"prompt_routing": prompt_routing} if record_routing else {}))
     return SlotRun(rollout, errors, slot_steps, busy, segments)
