@@ -114,7 +114,7 @@ def test_rollout_from_gcs_checkpoint(gcs_run, tmp_path):
                              capture_output=True, text=True, timeout=300, env={**ENV, **_gcs_env()})
         assert res.returncode == 0, res.stderr[-3000:]
         assert storage.read_text(remote_out) == out.read_text()
-    assert "keeping 1 finished batches (2 samples)" in res.stderr
+    assert "keeping 2 finished prompts (2 samples)" in res.stderr
     assert not os.path.exists("gs:")
 
 
