@@ -141,6 +141,39 @@ print('tmp ok')
     assert not os.path.exists(scratch)
 
 
+@needs_ns
+def test_a_project_and_venv_under_tmp_are_hidden_too():
+    """A clone under /tmp with its venv there too: the fresh /tmp of the run must still show the project
+    as an empty read-only directory (not a missing one) and keep the run's own directory."""
+    import json
+    import site
+    import subprocess
+    import sys
+
+    base = tempfile.mkdtemp()  # mode 700, like any mktemp -d clone
+    try:
+        project = os.path.join(base, "clone")
+        os.makedirs(project)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", os.path.join(base, "venv")], check=True)
+        code = (f"import os\nprint(os.listdir({project!r}))\n"
+                f"try:\n    open({os.path.join(project, 'escape.txt')!r}, 'w')\n"
+                "except OSError as e:\n    print(type(e).__name__, e.errno)\n")
+        driver = ("import json, sys\nfrom m1jax.envs.sandbox import Limits, run_python\n"
+                  f"r = run_python({code!r}, '', Limits(wall_s=10))\nprint(json.dumps([r.status, r.stdout, r.stderr]))")
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.pathsep.join([repo, *site.getsitepackages()])}
+        res = subprocess.run([os.path.join(base, "venv", "bin", "python"), "-c", driver], cwd=project, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        status, out, err = json.loads(res.stdout.splitlines()[-1])
+        assert (status, out) == ("ok", "[]\nOSError 30\n"), err  # EROFS: hidden, read-only
+        assert not os.path.exists(os.path.join(project, "escape.txt"))
+    finally:
+        import shutil
+
+        shutil.rmtree(base)
+
+
 def test_concurrent_runs_are_independent():
     results = [None] * 6
 

@@ -22,7 +22,8 @@ Always (any user):
     that left its session), a new network namespace (no interfaces but a down loopback: no network),
     a new mount namespace with fresh tmpfs over /tmp, /var/tmp, /dev/shm (writes there vanish with
     the run) and an empty read-only tmpfs over ``limits.hide`` (default: the trainer's working
-    directory, so the repository, checkpoints and data under it are not reachable).
+    directory, so the repository, checkpoints and data under it are not reachable; a hidden path
+    under /tmp is made again in the fresh /tmp, so it reads the same wherever the clone lives).
   Reads of world-readable system files (e.g. /usr) remain possible.
 
 "basic" (not root): network is refused by a Python-level guard (socket creation raises) that a
@@ -108,8 +109,12 @@ if cfg["uid"] is not None:
     mount("/proc/self/fd/%%d" %% here, workdir, None, 0x1000, None)  # MS_BIND
     os.close(here)
     for d in cfg["hide"]:
-        if os.path.isdir(d):
-            mount("tmpfs", d, "tmpfs", 0x1 | 0x2 | 0x4, "size=4k,mode=755")  # read-only, empty
+        if not os.path.isdir(d):  # it was under /tmp (now a fresh tmpfs): make it there, then cover it
+            try:
+                os.makedirs(d)
+            except OSError:
+                continue  # under a directory hidden already
+        mount("tmpfs", d, "tmpfs", 0x1 | 0x2 | 0x4, "size=4k,mode=755")  # read-only, empty
     def relay(pid):  # wait for pid and exit as it did (killed by signal n: exit code 128 + n)
         _, status = os.waitpid(pid, 0)
         os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
@@ -207,10 +212,14 @@ def run_python(code: str, stdin: str = "", limits: Limits = Limits()) -> Result:
         if ns:
             for p in (workdir, *(os.path.join(workdir, n) for n in ("main.py", "stdin.txt"))):
                 os.chown(p, uid, uid)
-        hide = [os.path.abspath(p) for p in (limits.hide if limits.hide is not None else (os.getcwd(),))]
+        hide = [os.path.realpath(p) for p in (limits.hide if limits.hide is not None else (os.getcwd(),))]
         if "/" in hide:
             raise ValueError("sandbox Limits.hide covers '/': run the trainer from its own directory or pass "
                              "Limits(hide=(...)) naming the directories to cover.")
+        hide = [d for d in hide if os.path.isdir(d)]
+        if ns and any(os.path.commonpath([d, os.path.realpath(workdir)]) == d for d in hide):
+            raise ValueError(f"sandbox: the run's directory {workdir} is inside a hidden path ({hide}); set TMPDIR "
+                             "to a directory outside the trainer's working directory.")
         nproc = limits.processes if ns else _tasks_of(os.getuid()) + limits.processes
         mem = limits.memory_mb << 20
         cfg = {
