@@ -46,19 +46,19 @@ import time
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from m1jax import distributed
+from m1jax import cli, distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file (get_config())")
+_CONFIG = cli.define_config("rollout.py", "config", "configs/tiny.py", "config file (get_config())")
 _CKPT = flags.DEFINE_string("checkpoint", None, "transformers/original MiniMax directory, or a train.py run "
                             "directory (local or gs://)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json or a directory with one, 'arith' or "
                                  "'chars:...' (default: the checkpoint directory's tokenizer.json, if any)")
 _BOS = flags.DEFINE_bool("bos", False, "prepend the tokenizer's bos id to \"text\" prompts")
-_PROMPTS = flags.DEFINE_string("prompts", None, "input JSONL (local or gs://)", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "output JSONL (local or gs://)", required=True)
+_PROMPTS = flags.DEFINE_string("prompts", None, "input JSONL (local or gs://); required")
+_OUTPUT = flags.DEFINE_string("output", None, "output JSONL (local or gs://); required")
 _PROCESS_FLAGS = distributed.define_flags()  # multi-host: the same command on every host
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the resolved config (file + overrides) and exit")
 _RESUME = flags.DEFINE_bool("resume", False, "continue an interrupted --output: keep its finished batches and sample "
                             "the rest (without it, --output is overwritten)")
 
@@ -298,6 +298,8 @@ def load_model(checkpoint: str | None, config, mesh):
 
 def main(argv):
     del argv
+    if _PRINT_CONFIG.value:
+        return cli.print_config(_CONFIG.value)
     distributed.maybe_initialize(*(f.value for f in _PROCESS_FLAGS))  # before any other JAX call
     import dataclasses
 
@@ -305,27 +307,39 @@ def main(argv):
 
     from m1jax import sharding, storage
     from m1jax import tokenizer as tokenizers
+    from m1jax.hf import CheckpointError
     from m1jax.rollout import SamplingParams, generate
 
     config = _CONFIG.value
-    ro = config.rollout
-    check_rollout_config(ro)
-    storage.check_bucket(_OUTPUT.value)  # a gs:// output's bucket must exist: fail before any work
-    mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
-    print(sharding.describe_mesh(mesh), file=sys.stderr)
-    tok = None
-    if _TOKENIZER.value:
-        tok = tokenizers.load(_TOKENIZER.value)
-    elif _CKPT.value and os.path.exists(os.path.join(_CKPT.value, "tokenizer.json")):
-        tok = tokenizers.load(_CKPT.value)
-    sp = SamplingParams(**{k: (tuple(v) if k == "stop_token_ids" else v) for k, v in config.sampling.items()})
-    if tok is not None and tok.eos_id not in sp.stop_token_ids:
-        sp = dataclasses.replace(sp, stop_token_ids=sp.stop_token_ids + (tok.eos_id,))
-    if mesh.size > 1:  # sample on the mesh: parameters sharded, the MoE expert-parallel
-        jax.set_mesh(mesh)
-    model = load_model(_CKPT.value, config, mesh)
-    print(sharding.describe_params(model), file=sys.stderr)
-    prompts = read_prompts(_PROMPTS.value, model.cfg.vocab_size, ro.max_prompt_len, tok, _BOS.value)
+    # A mistake (config, mesh, missing prompts or checkpoint) is one line and exit code 2, before
+    # anything is compiled or written.
+    with cli.user_errors("rollout.py", CheckpointError):
+        for name, value in (("prompts", _PROMPTS.value), ("output", _OUTPUT.value)):
+            if not value:
+                raise ValueError(f"--{name} is required: a JSONL file (local or gs://).")
+        ro = config.rollout
+        check_rollout_config(ro)
+        storage.check_bucket(_OUTPUT.value)  # a gs:// output's bucket must exist: fail before any work
+        if not storage.exists(_PROMPTS.value):
+            raise FileNotFoundError(f"--prompts={_PROMPTS.value}: no such file (a JSONL file, local or gs://).")
+        if _CKPT.value and not storage.exists(_CKPT.value):
+            raise FileNotFoundError(f"--checkpoint={_CKPT.value}: no such directory (a train.py run, or a "
+                                    "transformers/original MiniMax checkpoint directory).")
+        mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
+        print(sharding.describe_mesh(mesh), file=sys.stderr)
+        tok = None
+        if _TOKENIZER.value:
+            tok = tokenizers.load(_TOKENIZER.value)
+        elif _CKPT.value and os.path.exists(os.path.join(_CKPT.value, "tokenizer.json")):
+            tok = tokenizers.load(_CKPT.value)
+        sp = SamplingParams(**{k: (tuple(v) if k == "stop_token_ids" else v) for k, v in config.sampling.items()})
+        if tok is not None and tok.eos_id not in sp.stop_token_ids:
+            sp = dataclasses.replace(sp, stop_token_ids=sp.stop_token_ids + (tok.eos_id,))
+        if mesh.size > 1:  # sample on the mesh: parameters sharded, the MoE expert-parallel
+            jax.set_mesh(mesh)
+        model = load_model(_CKPT.value, config, mesh)
+        print(sharding.describe_params(model), file=sys.stderr)
+        prompts = read_prompts(_PROMPTS.value, model.cfg.vocab_size, ro.max_prompt_len, tok, _BOS.value)
     good = [(i, ids) for i, ids, err in prompts if err is None]
     continuous = ro.get("engine", "continuous") == "continuous"
     # continuous: each prompt is its own unit of resumption; static: each batch
@@ -379,4 +393,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("rollout.py", "config", "configs/tiny.py"))

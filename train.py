@@ -15,17 +15,19 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from m1jax import distributed
+from m1jax import cli, distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/arith_cispo.py", "config file")
+_CONFIG = cli.define_config("train.py", "config", "configs/arith_cispo.py", "config file")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/arith", "output directory (checkpoints, metrics)")
 _PROCESS_FLAGS = distributed.define_flags()  # multi-host: the same command on every host
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the resolved config (file + overrides) and exit")
 
 
 def main(argv):
     del argv
+    if _PRINT_CONFIG.value:
+        return cli.print_config(_CONFIG.value)
     distributed.maybe_initialize(*(f.value for f in _PROCESS_FLAGS))  # before any other JAX call
     fetch = distributed.fetch  # device_get that gathers what other processes' devices hold
     import dataclasses
@@ -55,76 +57,78 @@ def main(argv):
     from m1jax.rollout import SamplingParams, generate, generate_slots, left_pad
 
     config = _CONFIG.value
+    # Everything is checked before anything compiles or is written: a mistake is one line, exit code 2.
+    with cli.user_errors("train.py"):
+        storage.check_bucket(_WORKDIR.value)  # a gs:// workdir's bucket must exist
+        cfg = model_config(config)
+        sft_opt_cfg = OptimConfig.from_dict(config.sft_optim.to_dict(), "sft_optim")
+        rl_opt_cfg = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim")
+        rl = config.rl
+        if rl.loss not in PRESETS:
+            raise ValueError(f"rl.loss={rl.loss!r}: use one of {sorted(PRESETS)}.")
+        loss_cfg = dataclasses.replace(PRESETS[rl.loss], aggregation=rl.aggregation)
+        if rl.loss == "cispo":
+            loss_cfg = dataclasses.replace(loss_cfg, is_weight_max=rl.is_weight_max)
+        if rl.old_logp not in ("sampler", "recomputed"):
+            raise ValueError(f"rl.old_logp={rl.old_logp!r}: use 'sampler' or 'recomputed'.")
+        if rl.tis_cap is not None:
+            if rl.old_logp != "recomputed":
+                raise ValueError("rl.tis_cap needs rl.old_logp='recomputed' (with sampler log-probs as pi_old the "
+                                 "sampler correction is already inside the CISPO ratio: it would count twice).")
+            loss_cfg = dataclasses.replace(loss_cfg, tis_cap=rl.tis_cap)
+        ro = config.get("rollout", {})
+        if ro.get("engine", "continuous") not in ("continuous", "static"):
+            raise ValueError(f"rollout.engine={ro['engine']!r}: use 'continuous' (the slot engine) or 'static'.")
+        if isinstance(ro.get("slots", 0), bool) or not isinstance(ro.get("slots", 0), int) or ro.get("slots", 0) < 0:
+            raise ValueError(f"rollout.slots={ro['slots']!r}: must be an integer >= 0 (0: every sample of a call at once).")
+        if rl.prompts_per_step % rl.minibatches:
+            raise ValueError(f"rl.minibatches={rl.minibatches} must divide rl.prompts_per_step={rl.prompts_per_step}.")
+        print(f"objective: {loss_cfg.describe()}", flush=True)
+        mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
+        sharding.validate_model_for_mesh(cfg, mesh)
+        print(sharding.describe_mesh(mesh), flush=True)
+        # A training step's rows are split evenly over the mesh's batch shards (sampling pads itself).
+        shards, g = sharding.batch_shards(mesh), rl.samples_per_prompt
+        for key, rows in (("sft.batch_size", config.sft.batch_size),
+                          ("rl.prompts_per_step * rl.samples_per_prompt / rl.minibatches",
+                           rl.prompts_per_step * g // rl.minibatches)):
+            if rows % shards:
+                raise ValueError(f"{key} = {rows} rows, not a multiple of the mesh's {shards} batch shards "
+                                 "(mesh.data * mesh.fsdp * mesh.expert): change one or the other.")
+        # With fewer kept groups than rl.prompts_per_step (dynamic sampling ran out of generation
+        # batches), train on a number of groups whose minibatches still split evenly over the shards.
+        group_unit = 1 if shards == 1 else shards * rl.minibatches // math.gcd(g, shards * rl.minibatches)
+        # An environment curriculum (config.curriculum) replaces data.task; config.length stages the window.
+        curriculum = windows = None
+        if config.get("curriculum") is not None:
+            from m1jax.envs.curriculum import Curriculum
+            from m1jax.envs.genrm import LengthBiasMonitor
+
+            curriculum, length_bias = Curriculum(config.curriculum), LengthBiasMonitor()
+        task = curriculum.task() if curriculum else tasks.make_task(config.data)  # data files are read and checked here
+        tok = task.tokenizer
+        if cfg.vocab_size < tok.vocab_size:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens: "
+                             f"set --config.model.vocab_size={tok.vocab_size}.")
+        width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
+        # fn(prompts, completions, references, timeout_s) -> ScoreReport; unknown reward names fail here
+        score_all = curriculum.score_all if curriculum else functools.partial(rewards.score_all, rewards.get(rl.reward))
+        if config.get("length") is not None:
+            from m1jax.envs.length import LengthSchedule
+
+            windows = LengthSchedule(config.length, task.max_new_tokens)
+        # SFT runs config.sft.steps steps, or stops early at the first held-out evaluation (every
+        # sft.eval_every steps) that reaches sft.stop_at_pass_at_1: RL then starts from a comparable
+        # model whatever the SFT trajectory (tiny models learn addition in a sudden jump whose step
+        # varies by hundreds between seeds, or with the summation order of a kernel).
+        stop_at, eval_every = config.sft.get("stop_at_pass_at_1"), config.sft.get("eval_every", 50)
+        if stop_at is not None and not (0 < stop_at <= 1 and eval_every >= 1):
+            raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every}: the threshold must be "
+                             "in (0, 1] and the interval >= 1 step (or set stop_at_pass_at_1=None to run all sft.steps).")
     workdir = storage.prepare_dir(_WORKDIR.value)  # local path or gs://bucket/path
     primary = distributed.is_primary()  # in a multi-process run only process 0 writes the logs and reports
     if primary:
         storage.write_text(storage.join(workdir, runs.CONFIG_FILE), config.to_json_best_effort(indent=2))
-    # Everything is validated before anything compiles.
-    cfg = model_config(config)
-    sft_opt_cfg = OptimConfig.from_dict(config.sft_optim.to_dict(), "sft_optim")
-    rl_opt_cfg = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim")
-    rl = config.rl
-    if rl.loss not in PRESETS:
-        raise ValueError(f"rl.loss={rl.loss!r}: use one of {sorted(PRESETS)}.")
-    loss_cfg = dataclasses.replace(PRESETS[rl.loss], aggregation=rl.aggregation)
-    if rl.loss == "cispo":
-        loss_cfg = dataclasses.replace(loss_cfg, is_weight_max=rl.is_weight_max)
-    if rl.old_logp not in ("sampler", "recomputed"):
-        raise ValueError(f"rl.old_logp={rl.old_logp!r}: use 'sampler' or 'recomputed'.")
-    if rl.tis_cap is not None:
-        if rl.old_logp != "recomputed":
-            raise ValueError("rl.tis_cap needs rl.old_logp='recomputed' (with sampler log-probs as pi_old the "
-                             "sampler correction is already inside the CISPO ratio: it would count twice).")
-        loss_cfg = dataclasses.replace(loss_cfg, tis_cap=rl.tis_cap)
-    ro = config.get("rollout", {})
-    if ro.get("engine", "continuous") not in ("continuous", "static"):
-        raise ValueError(f"rollout.engine={ro['engine']!r}: use 'continuous' (the slot engine) or 'static'.")
-    if isinstance(ro.get("slots", 0), bool) or not isinstance(ro.get("slots", 0), int) or ro.get("slots", 0) < 0:
-        raise ValueError(f"rollout.slots={ro['slots']!r}: must be an integer >= 0 (0: every sample of a call at once).")
-    if rl.prompts_per_step % rl.minibatches:
-        raise ValueError(f"rl.minibatches={rl.minibatches} must divide rl.prompts_per_step={rl.prompts_per_step}.")
-    print(f"objective: {loss_cfg.describe()}", flush=True)
-    mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
-    sharding.validate_model_for_mesh(cfg, mesh)
-    print(sharding.describe_mesh(mesh), flush=True)
-    # A training step's rows are split evenly over the mesh's batch shards (sampling pads itself).
-    shards, g = sharding.batch_shards(mesh), rl.samples_per_prompt
-    for key, rows in (("sft.batch_size", config.sft.batch_size),
-                      ("rl.prompts_per_step * rl.samples_per_prompt / rl.minibatches",
-                       rl.prompts_per_step * g // rl.minibatches)):
-        if rows % shards:
-            raise ValueError(f"{key} = {rows} rows, not a multiple of the mesh's {shards} batch shards "
-                             "(mesh.data * mesh.fsdp * mesh.expert): change one or the other.")
-    # With fewer kept groups than rl.prompts_per_step (dynamic sampling ran out of generation
-    # batches), train on a number of groups whose minibatches still split evenly over the shards.
-    group_unit = 1 if shards == 1 else shards * rl.minibatches // math.gcd(g, shards * rl.minibatches)
-    # An environment curriculum (config.curriculum) replaces data.task; config.length stages the window.
-    curriculum = windows = None
-    if config.get("curriculum") is not None:
-        from m1jax.envs.curriculum import Curriculum
-        from m1jax.envs.genrm import LengthBiasMonitor
-
-        curriculum, length_bias = Curriculum(config.curriculum), LengthBiasMonitor()
-    task = curriculum.task() if curriculum else tasks.make_task(config.data)  # data files are read and checked here
-    tok = task.tokenizer
-    if cfg.vocab_size < tok.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens: "
-                         f"set --config.model.vocab_size={tok.vocab_size}.")
-    width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
-    # fn(prompts, completions, references, timeout_s) -> ScoreReport; unknown reward names fail here
-    score_all = curriculum.score_all if curriculum else functools.partial(rewards.score_all, rewards.get(rl.reward))
-    if config.get("length") is not None:
-        from m1jax.envs.length import LengthSchedule
-
-        windows = LengthSchedule(config.length, task.max_new_tokens)
-    # SFT runs config.sft.steps steps, or stops early at the first held-out evaluation (every
-    # sft.eval_every steps) that reaches sft.stop_at_pass_at_1: RL then starts from a comparable
-    # model whatever the SFT trajectory (tiny models learn addition in a sudden jump whose step
-    # varies by hundreds between seeds, or with the summation order of a kernel).
-    stop_at, eval_every = config.sft.get("stop_at_pass_at_1"), config.sft.get("eval_every", 50)
-    if stop_at is not None and not (0 < stop_at <= 1 and eval_every >= 1):
-        raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every}: the threshold must be "
-                         "in (0, 1] and the interval >= 1 step (or set stop_at_pass_at_1=None to run all sft.steps).")
 
     # sampling and training on one mesh: parameters (and so the optimizer state) sharded
     model = sharding.build_on_mesh(lambda: MiniMaxM1(cfg, rngs=nnx.Rngs(config.seed)), mesh)
@@ -379,4 +383,4 @@ def _plot(workdir):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=cli.flags_parser("train.py", "config", "configs/arith_cispo.py")))

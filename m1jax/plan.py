@@ -51,6 +51,7 @@ def _parse(argv):
     p.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default: rollout.max_prompt_len)")
     p.add_argument("--prefill_chunk", type=int, default=None, help="prefill columns per step (default: min(2048, prompt_len))")
     p.add_argument("--top", type=int, default=4, help="largest arguments to list")
+    p.add_argument("--print_config", action="store_true", help="print the config file's resolved config and exit")
     args, rest = p.parse_known_args(argv)
     overrides = {}
     for item in rest:
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # silences libtpu's host probing; compile-only
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
-    from m1jax import aot
+    from m1jax import aot, cli
     from m1jax.configs import load_config_file, model_config
     from m1jax.model.config import ConfigError, ModelConfig
     from m1jax.optim import OptimConfig
@@ -210,7 +211,12 @@ def main(argv=None) -> int:
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ConfigError(f"--model.{unknown[0]}: not a model field; valid keys are {sorted(fields)}.")
+            hint = cli.nearest(unknown[0], sorted(fields))
+            raise ConfigError(f"--model.{unknown[0]}: not a model field; "
+                              + (f"did you mean --model.{hint}?" if hint else f"the fields are {sorted(fields)}."))
+        if a.print_config:
+            cli.print_config(config)
+            return 0
         cfg = aot.tpu_config(model_config(config).replace(**overrides))
         optim = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim") if "rl_optim" in config else OptimConfig()
         sampling = SamplingParams(**config.sampling.to_dict()) if "sampling" in config else SamplingParams()
