@@ -1,6 +1,7 @@
 """rollout.py end to end: a transformers-format checkpoint in, JSONL out, bad prompts reported."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -8,6 +9,9 @@ import sys
 import numpy as np
 
 from tests.hf_utils import tiny_hf_model
+from tests.lean import lean_env
+
+LEAN = lean_env(dict(os.environ))  # rollout.py on the plain install: no torch, transformers or test tools
 
 
 def test_rollout_cli(tmp_path):
@@ -25,7 +29,7 @@ def test_rollout_cli(tmp_path):
     cmd = [sys.executable, "rollout.py", "--config=configs/tiny.py", f"--checkpoint={ckpt}", f"--prompts={prompts}",
            f"--output={out}", "--config.sampling.max_new_tokens=5", "--config.rollout.num_samples=2",
            "--config.rollout.max_prompt_len=32"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=LEAN)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     errors = {r["index"]: r["error"] for r in rows if "error" in r}
@@ -56,7 +60,7 @@ def test_rollout_cli_text_and_chat_prompts(tmp_path):
     out = tmp_path / "out.jsonl"
     res = subprocess.run([sys.executable, "rollout.py", "--config=configs/tiny.py", f"--checkpoint={ckpt}",
                           f"--prompts={prompts}", f"--output={out}", "--config.sampling.max_new_tokens=6"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=LEAN)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert "role 'tool'" in rows[2]["error"] and '"prompt_ids", "text" or "messages"' in rows[3]["error"]
@@ -78,7 +82,7 @@ def test_rollout_cli_text_needs_a_tokenizer(tmp_path):
     res = subprocess.run([sys.executable, "rollout.py", "--config=configs/tiny.py", f"--prompts={prompts}",
                           f"--output={out}", "--config.sampling.max_new_tokens=2", "--config.model.num_layers=2",
                           "--config.model.layer_types=('linear_attention','full_attention')"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=LEAN)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert "need a tokenizer: pass --tokenizer" in rows[0]["error"]
@@ -89,7 +93,7 @@ def _rollout(ckpt, prompts, out, *flags):
     return subprocess.run([sys.executable, "rollout.py", "--config=configs/tiny.py", f"--checkpoint={ckpt}",
                            f"--prompts={prompts}", f"--output={out}", "--config.sampling.max_new_tokens=4",
                            "--config.rollout.batch_size=1", "--config.rollout.num_samples=2", *flags],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=LEAN)
 
 
 def test_rollout_cli_resumes_an_interrupted_output(tmp_path):

@@ -10,9 +10,12 @@ import sys
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.lean import lean_env
+
 # train.py as a user runs it: one CPU device (not the 8 fake devices conftest sets for mesh tests,
 # which change XLA's CPU numerics and so the trajectory).
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+# On the plain install (tests/lean.py): the main job needs no torch, transformers or test tools.
+ENV = lean_env({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
 
 SMALL = ["--config=configs/arith_cispo.py", "--config.sft.steps=6", "--config.rl.steps=4", "--config.log_every=1",
          "--config.checkpoint.every=5", "--config.data.eval_size=16", "--config.sft.batch_size=16",
@@ -179,7 +182,7 @@ def test_jsonl_math_task_with_math_verify_and_a_failing_user_reward(tmp_path):
          "--config.sft.batch_size=16", "--config.rl.steps=2", "--config.rl.prompts_per_step=4",
          "--config.rl.samples_per_prompt=2", "--config.rl.dynamic_sampling=False", "--config.log_every=10",
          f"--config.rl.reward={tmp_path / 'my_reward.py'}:flaky_math", "--config.rl.reward_timeout_s=2"],
-        capture_output=True, text=True, timeout=900, env=ENV)
+        capture_output=True, text=True, timeout=900, env=lean_env(ENV, allow=("math_verify",)))  # the .[math] extra
     assert res.returncode == 0, res.stderr[-3000:]
     assert "reward raised RuntimeError: flaky reward" in res.stdout and "timed out after 2.0s" in res.stdout
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
