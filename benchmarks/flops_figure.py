@@ -109,8 +109,8 @@ def main(argv=None):
     m1, ds, ds_abs, qw = minimax_m1(), deepseek_r1(), deepseek_r1(absorbed=True), qwen3_235b()
     print("active linear parameters per token (excl. embedding lookup): "
           + ", ".join(f"{a.name} {a.linear_params / 1e9:.1f}B" for a in (m1, ds, qw)))
-    print(f"\n| generation length | measure | M1 / DeepSeek-R1 | M1 / DeepSeek-R1 (MLA absorbed) | M1 / Qwen3-235B "
-          f"| paper (M1 / DeepSeek-R1) |\n|---|---|---|---|---|---|")
+    print("\n| generation length | measure | M1 / DeepSeek-R1 | M1 / DeepSeek-R1 (MLA absorbed) | M1 / Qwen3-235B "
+          "| paper (M1 / DeepSeek-R1) |\n|---|---|---|---|---|---|")
     paper = {64 * K: "< 50%", 100 * K: "~25%"}
     for length in (32 * K, 64 * K, 100 * K, 128 * K):
         for measure, f in (("total for L tokens", lambda a: a.total(length)),

@@ -34,7 +34,7 @@ from m1jax.rollout import SamplingParams, generate  # noqa: E402
 
 
 def tiny_hf_model():
-    """configs/tiny.py as a transformers model (spec/calibration.md: 15.3M parameters)."""
+    """configs/tiny.py as a transformers model (15.3M parameters)."""
     import torch
     from transformers import MiniMaxConfig, MiniMaxForCausalLM
 

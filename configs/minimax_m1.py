@@ -1,6 +1,6 @@
 """MiniMax-M1 (40k/80k share one architecture): 456,089,655,296 parameters, 45.9B active.
 
-Values from the released config.json (shared/spec/architecture.md §2.2).
+Values from the released config.json (MiniMaxAI/MiniMax-M1-40k and -80k).
 """
 
 import ml_collections

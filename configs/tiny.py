@@ -1,6 +1,6 @@
 """A CPU-sized model with MiniMax-M1's structure (7 lightning + 1 softmax layer, top-2 of 4 experts).
 
-This is the configuration of the calibration figures in shared/spec/calibration.md (15.3M parameters).
+This is the model of the benchmarks in docs/benchmarks.md (15.3M parameters).
 rotary_dim = head_dim so the model is also expressible in transformers 5.x (which rotates the whole
 head), for generate()/parity comparisons.
 """

@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 
 from m1jax import sharding as shd
 from m1jax.model.config import FULL, LINEAR, ModelConfig
-from m1jax.model.decoder import MiniMaxM1, layer_index
+from m1jax.model.decoder import MiniMaxM1
 
 # transformers registers these decay buffers; they are functions of the config, not weights.
 _DECAY_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")

@@ -16,7 +16,6 @@ import argparse
 import math
 from types import SimpleNamespace
 
-import jax
 import numpy as np
 from flax import nnx
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import json
 import os
 
 from etils import epath
@@ -105,6 +106,29 @@ def read_text(path: str) -> str:
 
 def exists(path: str) -> bool:
     return epath.Path(path).exists()
+
+
+def jsonl_lines(path: str) -> list[tuple[int, str]]:
+    """(line number from 1, text) of every non-blank line of a JSONL file, local or gs://. Lines end at
+    "\n" only (JSON strings may hold U+2028, which str.splitlines would also split at)."""
+    return [(n, line) for n, line in enumerate(read_text(path).split("\n"), 1) if line.strip()]
+
+
+def read_jsonl(path: str, what: str = "JSONL file") -> list[dict]:
+    """The JSON object of every non-blank line; a missing file, or a line that is not a JSON object,
+    raises naming the file and the line."""
+    if not exists(path):
+        raise FileNotFoundError(f"{what} {path}: no such file.")
+    rows = []
+    for n, line in jsonl_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not JSON ({e}).") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {n}: not a JSON object ({line.strip()[:80]!r}).")
+        rows.append(row)
+    return rows
 
 
 def save_figure(fig, path: str, **kw) -> None:

@@ -61,7 +61,8 @@ class CharTokenizer:
     def to_hf(self):
         """The same tokenizer as a ``tokenizers.Tokenizer`` (word-level over single characters), so an
         exported model's directory carries a ``tokenizer.json`` that transformers can load."""
-        from tokenizers import Regex, Tokenizer as _Tok, decoders, models, pre_tokenizers
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as _Tok
 
         vocab = {s: i for i, s in enumerate(self.specials)} | self._index
         tok = _Tok(models.WordLevel(vocab, unk_token=None))
@@ -138,13 +139,14 @@ def save_hf_files(tok, directory: str, config: dict[str, Any] | None = None) -> 
     d.joinpath("tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
+ARITH_CHARS = "0123456789+="  # the default job's alphabet (m1jax/data/arith.py)
+
+
 def load(spec: str) -> Tokenizer:
     """``arith`` (the default job's characters), ``chars:ABC...`` (a CharTokenizer over those
     characters), or a path to a ``tokenizer.json`` or a directory holding one (local or gs://)."""
     if spec == "arith":
-        from m1jax.data import arith
-
-        return CharTokenizer(arith.CHARS)
+        return CharTokenizer(ARITH_CHARS)
     if spec.startswith("chars:"):
         return CharTokenizer(spec[len("chars:"):])
     return HFTokenizer(spec)

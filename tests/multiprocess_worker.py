@@ -17,7 +17,6 @@ nproc, pid = int(sys.argv[1]), int(sys.argv[2])
 if nproc > 1:
     maybe_initialize(f"localhost:{sys.argv[4]}", nproc, pid)
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 

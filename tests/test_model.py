@@ -96,7 +96,7 @@ def test_layers_are_scanned():
 def test_tiny_config_builds():
     cfg = model_config(load_config_file("configs/tiny.py"))
     assert cfg.pattern == ((LIN,) * 7 + (FULL,), 1, ())
-    assert 15.0e6 < cfg.param_count() < 15.6e6  # the calibration model of spec/calibration.md
+    assert 15.0e6 < cfg.param_count() < 15.6e6  # the benchmarks' model (docs/benchmarks.md)
 
 
 def test_moe_impls_agree_in_values_and_gradients():

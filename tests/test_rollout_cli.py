@@ -206,19 +206,19 @@ def test_batches_are_padded_to_a_few_compiled_shapes():
     """rollout.py left-pads each batch to a bucketed width (powers of two from 16 up to the prefill
     chunk; generate pads longer prompts to multiples of the chunk) and to the full batch size, so that
     batches share compiled programs."""
-    import rollout
+    from m1jax.rollout import jsonl
 
-    ids, mask = rollout.padded_batch([(0, [1, 2, 3]), (5, [4] * 9)], rows=4)
+    ids, mask = jsonl.padded_batch([(0, [1, 2, 3]), (5, [4] * 9)], rows=4)
     assert ids.shape == mask.shape == (4, 16)
     assert mask.sum(1).tolist() == [3, 9, 3, 3] and ids[0, -3:].tolist() == [1, 2, 3] and ids[0, :13].sum() == 0
     assert (ids[2:] == ids[0]).all() and (mask[2:] == mask[0]).all()  # padding rows: copies of the first prompt
     for width, bucket in [(1, 16), (16, 16), (17, 32), (1500, 2048), (2048, 2048), (2049, 2049), (5000, 5000)]:
-        assert rollout.padded_batch([(0, [7] * width)], rows=1)[0].shape == (1, bucket), width
-    assert rollout.padded_batch([(0, [7] * 70)], rows=1, prefill_chunk=96)[0].shape == (1, 96)
+        assert jsonl.padded_batch([(0, [7] * width)], rows=1)[0].shape == (1, bucket), width
+    assert jsonl.padded_batch([(0, [7] * 70)], rows=1, prefill_chunk=96)[0].shape == (1, 96)
     # sort_by_length: batches of similar lengths, ties in file order
     good = [(0, [1] * 9), (1, [1] * 2), (2, [1] * 5), (3, [1] * 2)]
-    assert [[i for i, _ in b] for b in rollout.plan_batches(good, 2, by_length=True)] == [[1, 3], [2, 0]]
-    assert [[i for i, _ in b] for b in rollout.plan_batches(good, 2)] == [[0, 1], [2, 3]]
+    assert [[i for i, _ in b] for b in jsonl.plan_batches(good, 2, by_length=True)] == [[1, 3], [2, 0]]
+    assert [[i for i, _ in b] for b in jsonl.plan_batches(good, 2)] == [[0, 1], [2, 3]]
 
 
 def test_rollout_cli_sort_by_length(tmp_path):

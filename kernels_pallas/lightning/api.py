@@ -11,6 +11,7 @@ impl:
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -88,6 +89,9 @@ def lightning_attention(
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
     b, t, h, dk = q.shape
     dv = v.shape[-1]
+    chex.assert_shape(jnp.asarray(decay_rate), (h,))
+    if initial_state is not None:
+        chex.assert_shape(initial_state, (b, h, dk, dv))
     backend = _pick(impl, dk, dv, interpret, pallas_backend)
     if backend is None or t == 0:
         return lightning_attention_xla(q, k, v, decay_rate, initial_state, block_size=block_size)
@@ -108,6 +112,10 @@ def lightning_decode(
     q, k: [batch, heads, d_k]; v: [batch, heads, d_v]; state [batch, heads, d_k, d_v] float32.
     Returns (out [batch, heads, d_v] in q.dtype, new_state float32).
     """
+    chex.assert_rank([q, k, v], 3)
+    chex.assert_equal_shape([q, k])
+    chex.assert_equal_shape_prefix([q, v], 2)
+    chex.assert_shape(state, (*q.shape, v.shape[-1]))
     backend = _pick(impl, q.shape[-1], v.shape[-1], interpret, pallas_backend)
     if backend is None:
         return lightning_decode_xla(q, k, v, decay_rate, state)

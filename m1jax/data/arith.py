@@ -11,9 +11,10 @@ import grain
 import numpy as np
 
 from m1jax.data.problem import Problem
+from m1jax.tokenizer import ARITH_CHARS
 
 PAD, BOS, EOS = 0, 1, 2
-CHARS = "0123456789+="
+CHARS = ARITH_CHARS
 VOCAB_SIZE = 3 + len(CHARS)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import grain
 
 from m1jax import tokenizer as tokenizers
+from m1jax import storage
 from m1jax.data import arith
 from m1jax.data.problem import Problem, prompt_ids
 
@@ -83,26 +84,25 @@ def load_jsonl(path: str, tokenizer, max_prompt_tokens: int) -> list[Problem]:
     """Problems of a JSONL file; a malformed line or a prompt that does not fit raises ValueError
     naming the file and line."""
     problems = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e}).") from e
-            if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str)
-                    and isinstance(rec.get("answer"), (str, int, float))):
-                raise ValueError(f'{where}: expected {{"prompt": str, "answer": str or number}}, got {line.strip()[:200]}')
-            try:
-                ids = prompt_ids(tokenizer, rec["prompt"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e} Choose a data.tokenizer that covers the text.") from e
-            if len(ids) > max_prompt_tokens:
-                raise ValueError(f"{where}: the prompt is {len(ids)} tokens, more than data.max_prompt_tokens="
-                                 f"{max_prompt_tokens}; raise it or shorten the prompt.")
-            problems.append(Problem(ids, str(rec["answer"])))
+    if not storage.exists(path):
+        raise FileNotFoundError(f"data file {path}: no such file.")
+    for n, line in storage.jsonl_lines(path):
+        where = f"{path} line {n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e}).") from e
+        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str)
+                and isinstance(rec.get("answer"), (str, int, float))):
+            raise ValueError(f'{where}: expected {{"prompt": str, "answer": str or number}}, got {line.strip()[:200]}')
+        try:
+            ids = prompt_ids(tokenizer, rec["prompt"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e} Choose a data.tokenizer that covers the text.") from e
+        if len(ids) > max_prompt_tokens:
+            raise ValueError(f"{where}: the prompt is {len(ids)} tokens, more than data.max_prompt_tokens="
+                             f"{max_prompt_tokens}; raise it or shorten the prompt.")
+        problems.append(Problem(ids, str(rec["answer"])))
     if not problems:
         raise ValueError(f"{path}: no problems (the file is empty).")
     return problems

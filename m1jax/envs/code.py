@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 
+from m1jax import storage
 from m1jax.envs.base import Environment, Example, register_env
 from m1jax.envs.sandbox import Limits, run_python
 
@@ -77,8 +78,7 @@ class CodeEnv(Environment):
         self.limits = limits or Limits(cpu_s=2, wall_s=4.0)
         self.rows = None
         if path is not None:
-            with open(path) as f:
-                self.rows = [json.loads(line) for line in f if line.strip()]
+            self.rows = storage.read_jsonl(path, "code data")
             bad = [i for i, r in enumerate(self.rows) if not {"prompt", "tests"} <= set(r)]
             if bad or not self.rows:
                 raise ValueError(f"{path}: every line needs 'prompt' and 'tests' (bad lines {bad[:5]}), and the "

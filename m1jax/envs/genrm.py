@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from m1jax import storage
 from m1jax.envs.base import Environment, Example, Score, extract_boxed, register_env
 
 Judge = Callable[[list[str]], list[str]]
@@ -117,10 +118,8 @@ class ModelJudge:
                 r = jax.device_get(generate(self.model, rows, self.params))
             else:
                 rows_ids, mask = left_pad(rows + [[self.tokenizer.pad_id]] * (self.batch_size - len(rows)),
-                                          self.tokenizer.pad_id)
-                pad = ((0, 0), (self.prompt_width - rows_ids.shape[1], 0))
-                r = jax.device_get(generate(self.model, np.pad(rows_ids, pad, constant_values=self.tokenizer.pad_id),
-                                            self.params, prompt_mask=np.pad(mask, pad)))
+                                          self.tokenizer.pad_id, width=self.prompt_width)
+                r = jax.device_get(generate(self.model, rows_ids, self.params, prompt_mask=mask))
             texts += [completion_text(self.tokenizer, r.tokens[j, :r.lengths[j]]) for j in range(len(rows))]
         it = iter(texts)
         return [next(it) if ok else "" for ok in fits]
@@ -142,20 +141,15 @@ class GenRMEnv(Environment):
 
     def __init__(self, data: str, judge: str, mode: str = "grade", judge_tokenizer: str | None = None,
                  judge_max_new_tokens: int = 16, judge_max_prompt_tokens: int = 1024, judge_batch_size: int = 16):
-        from m1jax import runs, storage
+        from m1jax import runs
         from m1jax import tokenizer as tokenizers
 
         if mode not in ("grade", "pairwise"):
             raise ValueError(f"genrm mode={mode!r}: use 'grade' or 'pairwise'.")
-        if not storage.exists(data):
-            raise FileNotFoundError(f"genrm data={data!r}: no such JSONL file.")
-        self.rows = []
-        for n, line in enumerate(storage.read_text(data).splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not {"prompt", "reference"} <= set(row):
-                    raise ValueError(f"genrm data {data}:{n}: each line needs 'prompt' and 'reference' ({line[:80]!r}).")
-                self.rows.append(row)
+        self.rows = storage.read_jsonl(data, "genrm data")
+        for n, row in enumerate(self.rows, 1):
+            if not {"prompt", "reference"} <= set(row):
+                raise ValueError(f"genrm data {data}: example {n} needs 'prompt' and 'reference' ({str(row)[:80]}).")
         if not self.rows:
             raise ValueError(f"genrm data={data!r} has no examples.")
         if judge_tokenizer is None:

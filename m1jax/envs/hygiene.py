@@ -24,6 +24,8 @@ import re
 import sys
 from typing import Iterable
 
+from m1jax.storage import read_jsonl
+
 _PUNCT = re.compile(r"[^\w\s]")
 
 
@@ -83,18 +85,6 @@ def filter_pass_rate(rows: Iterable[dict], low: float = 0.0, high: float = 1.0) 
             kept.append(row)
             counts["kept"] += 1
     return kept, counts
-
-
-def read_jsonl(path: str) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {n}: not JSON ({e}).") from e
-    return rows
 
 
 def write_jsonl(path: str, rows: list[dict]):

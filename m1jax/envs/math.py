@@ -7,10 +7,10 @@ read once; ``answer`` is LaTeX without ``\boxed``), or, with no file, generated 
 
 from __future__ import annotations
 
-import json
 import logging
 from fractions import Fraction
 
+from m1jax import storage
 from m1jax.envs.base import Environment, Example, extract_boxed, register_env
 
 # math-verify's signal-based timeouts only work in the main thread and rewards are scored in worker
@@ -64,8 +64,7 @@ class MathEnv(Environment):
         self.difficulty = difficulty
         self.rows = None
         if path is not None:
-            with open(path) as f:
-                self.rows = [json.loads(line) for line in f if line.strip()]
+            self.rows = storage.read_jsonl(path, "math data")
             bad = [i for i, r in enumerate(self.rows) if not {"prompt", "answer"} <= set(r)]
             if bad or not self.rows:
                 raise ValueError(f"{path}: every line needs 'prompt' and 'answer' (bad lines {bad[:5]}), and "

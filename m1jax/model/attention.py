@@ -161,12 +161,10 @@ def _decode_dot(q1, keys):
 def _decode_mix(w, values):
     """Softmax weights w [B, KV, G, S] (float32) times values [B, KV, S, d]: [B, KV, G, d] float32.
 
-    The sum over S runs as a batch of dots over column blocks, added after: XLA:CPU's one long dot
-    over S was 3x slower (bf16 cache, microbench). The block sums pass an optimization barrier: the
-    program differs only in the sum keeping the batch axis, yet XLA:CPU's YNNPACK fusion of the dots
-    and the sum ran faster (batch-1 decode at 32K: 0.61 -> 0.39 ms in a profile; 2.29 -> 2.11 ms a
-    step with a bf16 cache, 2.45 -> 2.40 ms with fp32, A/B). For a bfloat16 cache, w goes in as three
-    bfloat16 parts (``_bf16_parts``)."""
+    The sum over S runs as a batch of dots over column blocks, added after (XLA:CPU runs one long dot
+    over S far slower). The block sums pass an optimization barrier, which keeps XLA:CPU from fusing
+    the dots with the sum into a slower loop. For a bfloat16 cache, w goes in as three bfloat16 parts
+    (``_bf16_parts``). Measurements: docs/rollout.md."""
     b, kv, _, s = w.shape
     block = next((c for c in (256, 128, 64, 32, 16) if s % c == 0), s)
     parts = values.dtype == jnp.bfloat16
@@ -184,7 +182,7 @@ def _softmax_attention(q, parts, sqrt_d):
     """
     dt = q.dtype
     if q.shape[1] == 1:  # one query (decode): matrix-vector dots that stream the cache at DRAM speed
-        # (a multiply-reduce fusion over head_dim ran at half that: 32K-context step 4.0 -> 3.4 ms)
+        # (not a multiply-reduce fusion over head_dim, which XLA:CPU runs at half the bandwidth)
         q1 = q[:, 0]  # [B, KV, G, d]: without the length-1 axis XLA picks cache-friendly layouts
         dot = lambda keys: _decode_dot(q1, keys)[:, :, :, None]  # noqa: E731
         mix = lambda w, values: _decode_mix(w[:, :, :, 0], values)[:, None]  # noqa: E731

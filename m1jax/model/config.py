@@ -1,4 +1,4 @@
-"""ModelConfig: every architectural field of MiniMax-M1 (spec: shared/spec/architecture.md §2)."""
+"""ModelConfig: every architectural field of MiniMax-M1 (values and names as in the released config.json)."""
 
 from __future__ import annotations
 

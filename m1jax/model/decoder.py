@@ -8,7 +8,7 @@ Layer l computes (spec §4.2, postnorm=True)::
 (postnorm=False uses x and x1 as the residuals instead of a and b, spec §4.3).
 
 Parameters of the ``period`` layers of one repeat of the pattern live in a ``Block``; ``repeats``
-copies of it are stacked on a leading axis and run with ``nnx.scan``, so an 80-layer model traces
+copies of it are stacked on a leading axis and run with ``lax.scan``, so an 80-layer model traces
 and compiles one 8-layer block. Layers that do not fill a whole repeat form an unscanned-size tail
 block (stacked with a leading axis of 1, same code path).
 """
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m1jax.model.attention import Attention
-from m1jax.model.config import FULL, LINEAR, ModelConfig
+from m1jax.model.config import LINEAR, ModelConfig
 from m1jax.model.layers import F32, HIGHEST, RMSNorm, dtype_of, param
 from m1jax.model.lightning import LightningAttention
 from m1jax.model.moe import MoE, RouterStats, load_balancing_loss

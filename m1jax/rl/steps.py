@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import jax
+import chex
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -37,6 +37,10 @@ def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, 
     token_weights over the whole optimizer batch; sampler_logp [B, T-1] feeds the optional truncated
     IS factor (cfg.tis_cap) when old_logp was recomputed by the trainer. The policy is pi_T, the
     sampling temperature's distribution. Returns scalar metrics and "ratio" [B, T-1] (r per token)."""
+    chex.assert_rank(ids, 2)
+    targets = (ids.shape[0], ids.shape[1] - 1)
+    chex.assert_shape([comp_mask, old_logp, weights] + ([] if sampler_logp is None else [sampler_logp]), targets)
+    chex.assert_shape(advantages, (ids.shape[0],) if advantages.ndim == 1 else targets)
 
     def loss_fn(model):
         lp, aux = token_logprobs(model, ids, temperature=temperature)

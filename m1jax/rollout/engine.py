@@ -35,12 +35,19 @@ class Rollout(NamedTuple):
     prompt_routing: jax.Array | None = None  # [B, prompt_width, num_layers, top_k] (left-padded)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
-    """Token lists -> (ids [B, P] int32, mask [B, P] int32), left-padded to the longest prompt."""
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, np.int32)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None, rows: int | None = None):
+    """Token lists -> (ids [R, W] int32, mask [R, W] int32), left-padded. W = ``width`` (default: the
+    longest prompt), R = ``rows`` (default: one per prompt; the rows past the prompts repeat the first
+    one), so that batches of a fixed shape reuse one compiled program."""
+    longest = max(len(p) for p in prompts)
+    width = longest if width is None else width
+    rows = len(prompts) if rows is None else rows
+    if width < longest or rows < len(prompts):
+        raise ValueError(f"left_pad: {len(prompts)} prompts of up to {longest} tokens do not fit [{rows}, {width}].")
+    ids = np.full((rows, width), pad_id, np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for i in range(rows):
+        p = prompts[i] if i < len(prompts) else prompts[0]
         if len(p):
             ids[i, width - len(p):] = p
             mask[i, width - len(p):] = 1

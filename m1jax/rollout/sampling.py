@@ -1,6 +1,6 @@
 """Token sampling with sampler log-probs (one source of truth for rollout and its tests).
 
-Log-prob semantics (see shared/spec/rl-landscape.md §5 for how peers get this wrong):
+Log-prob semantics (the RL trainer needs exactly these; docs/rollout.md):
 
 * ``logprob``: log-softmax over the FULL vocabulary of the temperature-scaled logits, at the
   sampled token: log pi_T(y) with pi_T = softmax(logits / T). With T = 1 this is exactly what the
