@@ -21,8 +21,7 @@ def get_config():
     c.data = ml_collections.ConfigDict(dict(task="arith", digits=2, eval_size=200, eval_seed=12345))
     # SFT until held-out greedy pass@1 reaches 30% (checked every 25 steps), at most 1500 steps: the
     # model learns addition in a jump whose step varies by hundreds between seeds, so a fixed step
-    # count (700 at lr 3e-3 before) started RL anywhere from 3% to 65%. At lr 1e-3 seeds 0, 1, 2
-    # stop at steps 750, 650, 650 with 31-46%.
+    # count would start RL from very different models.
     c.sft = ml_collections.ConfigDict(dict(steps=1500, batch_size=64, stop_at_pass_at_1=0.3, eval_every=25))
     c.sft_optim = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
                                                  max_grad_norm=1.0))
@@ -40,7 +39,9 @@ def get_config():
     # RL rollouts and evaluation on the slot engine (m1jax/rollout/slots.py), fresh slots per call;
     # slots=0: every sample of a call at once; fewer slots are refilled as samples end.
     # engine="static": one batch run until its longest sample ends.
-    c.rollout = ml_collections.ConfigDict(dict(engine="continuous", slots=0))
+    # kv_dtype: the sampler's softmax-layer KV caches ("" = the compute dtype; "bfloat16" halves them,
+    # and the sampler then differs from the trainer: see rl.old_logp / rl.tis_cap).
+    c.rollout = ml_collections.ConfigDict(dict(engine="continuous", slots=0, kv_dtype=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every=20, keep=2))
     # The devices sampling and training share (m1jax.sharding): sizes of (data, fsdp, expert, tensor),
     # one of them may be -1 (the devices the others leave); e.g. --config.mesh.data=-1 on a TPU host.

@@ -1,7 +1,5 @@
-"""A train.py run directory (local or gs://): its config and the model of its checkpoints.
-
-    workdir/config.json          the run's full config (written by train.py at start)
-    workdir/checkpoints/<step>/  orbax checkpoints; item "model" = nnx.to_pure_dict(nnx.state(model))
+"""Reading a train.py run directory (local or gs://; the format: m1jax/checkpoint.py): its config and
+the model of its checkpoints.
 
 ``restore_model`` reads only the model item (not the optimizer states) onto one device or onto any
 mesh: the checkpoint does not remember the mesh it was saved from. ``save_model`` writes a model
@@ -21,10 +19,8 @@ from jax.sharding import Mesh
 
 from m1jax import sharding as shd
 from m1jax import storage
+from m1jax.checkpoint import CHECKPOINTS, CONFIG_FILE
 from m1jax.model import MiniMaxM1, ModelConfig
-
-CONFIG_FILE = "config.json"
-CHECKPOINTS = "checkpoints"
 
 
 def is_run_dir(path: str) -> bool:

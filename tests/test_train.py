@@ -1,5 +1,8 @@
 """train.py end to end (CI-sized): runs, writes eval.json/metrics/TensorBoard events, resumes
-bit-exactly, trains on JSONL prompts with math-verify and user rewards, stops on non-finite updates."""
+bit-exactly, trains on JSONL prompts with math-verify and user rewards, stops on non-finite updates.
+
+Runs that check the training itself call m1jax.training in this process (``train_here``); the ones
+that check the command line, the plain install, one real device or a mesh run train.py."""
 
 import json
 import os
@@ -8,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.lean import lean_env
@@ -25,6 +29,25 @@ SMALL = ["--config=configs/arith_cispo.py", "--config.sft.steps=6", "--config.rl
 def run(workdir, *extra):
     return subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *SMALL, *extra],
                           capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def train_here(workdir, *extra, base="configs/arith_cispo.py"):
+    """train.py's run in this process (``training.setup`` + ``train_and_evaluate``), with SMALL and
+    ``extra`` as --config.KEY=VALUE overrides: compiled programs are shared between the runs of a test."""
+    import ast
+
+    from m1jax import training
+    from m1jax.configs import load_config_file
+
+    config = load_config_file(base)
+    for flag in [*SMALL[1:], *extra]:
+        key, value = flag.removeprefix("--config.").split("=", 1)
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a string
+        config.update_from_flattened_dict({key: value})
+    return training.train_and_evaluate(training.setup(config, str(workdir)))
 
 
 def metrics(workdir):
@@ -56,17 +79,16 @@ ISSUE_METRICS = {"reward_mean", "pass_rate", "response_len_p50", "response_len_p
                  "is_ratio_p99", "is_clipped_frac", "grad_norm", "logprob_corr", "tokens_per_s"}
 
 
-def test_resume_after_crash_is_bit_exact(tmp_path):
+def test_resume_after_crash_is_bit_exact(tmp_path, capsys):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    res = run(full)
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_here(full)
     result = json.loads((full / "eval.json").read_text())
     assert set(result) >= {"pass_at_1_before_rl", "pass_at_1_after_rl"}
-    res = run(crashed, "--config.crash_after_step=7")  # checkpoint at 5, crash after step 7
-    assert res.returncode != 0 and "simulated crash" in res.stderr + res.stdout
-    res = run(crashed)  # same command again: resumes from step 5
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from checkpoint step 5" in res.stdout
+    with pytest.raises(SystemExit, match="simulated crash"):
+        train_here(crashed, "--config.crash_after_step=7")  # checkpoint at 5, crash after step 7
+    capsys.readouterr()
+    train_here(crashed)  # same run again: resumes from step 5
+    assert "resumed from checkpoint step 5" in capsys.readouterr().out
     ref = {(m["phase"], m["step"]): m for m in metrics(full)}
     after = [m for m in metrics(crashed) if m["step"] >= 5][-5:]  # the resumed run's steps 5..9
     keys = {"sft": "sft_loss", "rl": "loss"}
@@ -90,7 +112,7 @@ def always_right(prompt, completion, reference):
 """
 
 
-def test_sft_stops_at_the_pass_at_1_threshold_and_resumes_after_it(tmp_path):
+def test_sft_stops_at_the_pass_at_1_threshold_and_resumes_after_it(tmp_path, capsys):
     """sft.stop_at_pass_at_1: SFT ends at the first held-out evaluation that reaches it (here the
     first, at step 3, since every completion is scored right), RL runs its rl.steps from there, and
     a run that crashes during RL resumes with the same SFT end."""
@@ -98,22 +120,23 @@ def test_sft_stops_at_the_pass_at_1_threshold_and_resumes_after_it(tmp_path):
     args = ["--config.sft.steps=40", "--config.sft.eval_every=3", "--config.sft.stop_at_pass_at_1=0.5",
             f"--config.rl.reward={tmp_path / 'r.py'}:always_right"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    res = run(full, *args)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "SFT ended at step 3" in res.stdout
+    train_here(full, *args)
+    assert "SFT ended at step 3" in capsys.readouterr().out
     ms = metrics(full)
     assert [m["step"] for m in ms if m["phase"] == "sft"] == [0, 1, 2]
     assert [m["step"] for m in ms if m["phase"] == "rl"] == [3, 4, 5, 6]
     assert json.loads((full / "eval.json").read_text())["pass_at_1_before_rl"] == 1.0
-    res = run(crashed, *args, "--config.crash_after_step=6")  # checkpoint after 5 steps, crash after 6
-    assert res.returncode != 0 and "simulated crash" in res.stderr + res.stdout
-    res = run(crashed, *args)
-    assert res.returncode == 0 and "resumed from checkpoint step 5" in res.stdout, res.stderr[-3000:]
+    with pytest.raises(SystemExit, match="simulated crash"):
+        train_here(crashed, *args, "--config.crash_after_step=6")  # checkpoint after 5 steps, crash after 6
+    capsys.readouterr()
+    train_here(crashed, *args)
+    assert "resumed from checkpoint step 5" in capsys.readouterr().out
     assert [m["step"] for m in metrics(crashed) if m["phase"] == "rl"] == [3, 4, 5, 5, 6]  # step 5 redone
     ref = {m["step"]: m["loss"] for m in ms if m["phase"] == "rl"}
     assert all(m["loss"] == ref[m["step"]] for m in metrics(crashed) if m["phase"] == "rl")
-    bad = run(tmp_path / "bad", "--config.sft.stop_at_pass_at_1=1.5")
-    assert bad.returncode != 0 and "stop_at_pass_at_1" in bad.stderr + bad.stdout
+    with pytest.raises(ValueError, match="stop_at_pass_at_1=1.5"):
+        train_here(tmp_path / "bad", "--config.sft.stop_at_pass_at_1=1.5")
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_ci_sized_default_job_reward_rises(tmp_path):
@@ -133,13 +156,20 @@ def test_ci_sized_default_job_reward_rises(tmp_path):
 
 
 def test_recomputed_old_logp_with_tis_and_overlong_penalty(tmp_path):
-    res = run(tmp_path, "--config.rl.old_logp=recomputed", "--config.rl.tis_cap=2.0",
-              "--config.rl.overlong_cache_len=2", "--config.checkpoint.every=100")
-    assert res.returncode == 0, res.stderr[-3000:]
+    """pi_old recomputed by the trainer before the updates, under a sampler that differs from it (bf16
+    KV caches): with one update per rollout r = pi_theta / pi_old is 1 at every token (pi_old is the
+    trainer's own forward of the same parameters), while the TIS factor min(pi_old / pi_sampler, 1)
+    truncates the tokens the bf16 sampler over-weighted."""
+    train_here(tmp_path, "--config.rl.old_logp=recomputed", "--config.rl.tis_cap=1.0",
+               "--config.rollout.kv_dtype=bfloat16", "--config.rl.updates_per_rollout=1", "--config.rl.minibatches=1",
+               "--config.rl.overlong_cache_len=2", "--config.checkpoint.every=100")
     rl = [m for m in metrics(tmp_path) if m["phase"] == "rl"]
-    assert len(rl) == 4 and all("is_weight_mean" in m for m in rl)
-    bad = run(tmp_path / "bad", "--config.rl.tis_cap=2.0")  # TIS on top of sampler pi_old: refused
-    assert bad.returncode != 0 and "count twice" in bad.stderr + bad.stdout
+    assert len(rl) == 4
+    for m in rl:
+        assert abs(m["is_ratio_p99"] - 1) < 1e-5 and abs(m["is_weight_mean"] - 1) < 1e-5, m  # pi_old = pi_theta
+        assert 0.9 < m["tis_weight_mean"] < 1 - 1e-5, m  # bf16 sampler != trainer: some tokens truncated
+    with pytest.raises(ValueError, match="count twice"):  # TIS on top of sampler pi_old: refused
+        train_here(tmp_path / "bad", "--config.rl.tis_cap=2.0")
 
 
 REWARD_FN = """
@@ -195,10 +225,9 @@ def test_jsonl_math_task_with_math_verify_and_a_failing_user_reward(tmp_path):
 def test_non_finite_updates_stop_the_run_after_k_in_a_row(tmp_path):
     """A learning rate of 1e38 turns the parameters non-finite after one update; the following
     updates are skipped (the loss stays put) and the run stops with a clear error after K = 2."""
-    res = run(tmp_path, "--config.sft_optim.learning_rate=1e38", "--config.sft_optim.warmup_steps=0",
-              "--config.max_nonfinite_in_a_row=2")
-    assert res.returncode != 0
-    assert "FloatingPointError: 2 non-finite updates in a row at step 2" in res.stderr
+    with pytest.raises(FloatingPointError, match="2 non-finite updates in a row at step 2"):
+        train_here(tmp_path, "--config.sft_optim.learning_rate=1e38", "--config.sft_optim.warmup_steps=0",
+                   "--config.max_nonfinite_in_a_row=2")
     sft = [m for m in metrics(tmp_path) if m["phase"] == "sft"]
     assert [m["finite"] for m in sft] == [True, False, False]
     assert sft[1]["sft_loss"] == sft[2]["sft_loss"]  # the skipped update left the parameters unchanged
@@ -232,6 +261,5 @@ def test_train_on_a_mesh_matches_one_device_and_resumes(tmp_path):
                        (["--config.mesh.expert=8"], "mesh.expert=8 does not divide model.num_experts=4"),
                        (["--config.mesh.data=8", "--config.sft.batch_size=12"],
                         "sft.batch_size = 12 rows, not a multiple")]:
-        bad = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'bad'}", *SMALL, *flags],
-                             capture_output=True, text=True, timeout=600, env=env8)
-        assert bad.returncode != 0 and msg in bad.stderr, bad.stderr[-2000:]
+        with pytest.raises(ValueError, match=re.escape(msg)):  # in this process: conftest's 8 devices
+            train_here(tmp_path / "bad", *flags)

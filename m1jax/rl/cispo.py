@@ -103,22 +103,25 @@ def per_token_loss(logp, old_logp, advantages, cfg: LossConfig, sampler_logp=Non
         out = ((adv > 0) & (ratio > 1 + cfg.mask_eps_high)) | ((adv < 0) & (ratio < 1 - cfg.mask_eps_low))
         keep = jax.lax.stop_gradient(jnp.where(out, 0.0, 1.0))
     factor = weight * keep
+    tis = jnp.ones_like(ratio)
     if cfg.tis_cap is not None and sampler_logp is not None:
-        tis = jnp.minimum(jnp.exp(jnp.clip(old_logp - sampler_logp, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)),
-                          cfg.tis_cap)
-        factor = factor * jax.lax.stop_gradient(tis)
+        tis = jax.lax.stop_gradient(jnp.minimum(
+            jnp.exp(jnp.clip(old_logp - sampler_logp, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)), cfg.tis_cap))
+        factor = factor * tis
     loss = -factor * adv * logp
     clipped = jnp.zeros_like(ratio, bool)
     if cfg.is_weight_max is not None:
         clipped |= ratio > cfg.is_weight_max
     if cfg.is_weight_min is not None:
         clipped |= ratio < cfg.is_weight_min
-    return loss, {"ratio": jax.lax.stop_gradient(ratio), "weight": weight, "clipped": clipped, "mask": keep}
+    return loss, {"ratio": jax.lax.stop_gradient(ratio), "weight": weight, "clipped": clipped, "mask": keep,
+                  "tis": tis}
 
 
 def cispo_loss(logp, old_logp, advantages, weights, cfg: LossConfig, sampler_logp=None):
-    """sum(per_token_loss * weights) and metrics: weighted IS-weight mean, fraction clipped and
-    fraction masked (scalars), and "ratio", r per token [B, T] (for percentiles over the batch)."""
+    """sum(per_token_loss * weights) and metrics: weighted means of the IS weight and of the TIS
+    factor, fractions clipped and masked (scalars), and "ratio", r per token [B, T] (for percentiles
+    over the batch)."""
     loss, aux = per_token_loss(logp, old_logp, advantages, cfg, sampler_logp)
     w = weights.astype(F32)
     total = jnp.sum(loss * w)
@@ -127,6 +130,7 @@ def cispo_loss(logp, old_logp, advantages, weights, cfg: LossConfig, sampler_log
         "is_weight_mean": jnp.sum(aux["weight"] * share),
         "is_clipped_frac": jnp.sum(aux["clipped"] * share),
         "masked_frac": jnp.sum((1 - aux["mask"]) * share),
+        "tis_weight_mean": jnp.sum(aux["tis"] * share),  # 1 when TIS is off
         "ratio": aux["ratio"],
     }
     return total, metrics

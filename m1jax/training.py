@@ -1,0 +1,305 @@
+"""SFT warm start, then RL (CISPO by default), with evaluation, metrics and resumable checkpoints.
+
+    setup = training.setup(config, workdir)   # checks everything; compiles and writes nothing
+    result = training.train_and_evaluate(setup)
+
+``train.py`` is the command line around these two calls. The run directory's format is
+m1jax/checkpoint.py's; the RL step is m1jax/rl/learner.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from m1jax import checkpoint, distributed, sharding, storage
+from m1jax.configs import model_config
+from m1jax.data import rewards, tasks
+from m1jax.data.problem import completion_text, sft_batch
+from m1jax.metrics import EventFileWriter, MetricsWriter, ProgressBar, event_file_name
+from m1jax.model import MiniMaxM1, ModelConfig
+from m1jax.optim import OptimConfig, make_optimizer
+from m1jax.rl.learner import NonFiniteGuard, RLConfig, RLLearner
+from m1jax.rl.steps import sft_step
+from m1jax.rollout import SamplingParams, generate, generate_slots, left_pad
+
+
+@dataclasses.dataclass
+class Setup:
+    """A checked training run: its configs, mesh, task and reward; nothing compiled or written yet."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    model: ModelConfig
+    sft_optim: OptimConfig
+    rl_optim: OptimConfig
+    rl: RLConfig
+    mesh: Any
+    shards: int  # the mesh's batch shards
+    group_unit: int  # kept groups are trained on in multiples of this (even minibatches over the shards)
+    task: tasks.Task
+    score_all: Callable  # fn(prompts, completions, references, timeout_s) -> ScoreReport
+    curriculum: Any = None
+    length_bias: Any = None
+    windows: Any = None  # the length schedule (config.length)
+    stop_at: float | None = None  # SFT ends at the first held-out pass@1 >= this
+    eval_every: int = 50
+
+
+def _check_rollout(ro) -> None:
+    if ro.get("engine", "continuous") not in ("continuous", "static"):
+        raise ValueError(f"rollout.engine={ro['engine']!r}: use 'continuous' (the slot engine) or 'static'.")
+    if ro.get("kv_dtype", "") not in ("", "float32", "bfloat16"):
+        raise ValueError(f"rollout.kv_dtype={ro['kv_dtype']!r}: use '' (the model's compute dtype), 'float32' or "
+                         "'bfloat16'.")
+    slots = ro.get("slots", 0)
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+        raise ValueError(f"rollout.slots={slots!r}: must be an integer >= 0 (0: every sample of a call at once).")
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Check a training config (model, optimizers, rl, rollout, mesh, data files, reward) before
+    anything compiles or is written; every mistake raises ValueError or FileNotFoundError naming it."""
+    storage.check_bucket(workdir)  # a gs:// workdir's bucket must exist
+    cfg = model_config(config)
+    sft_optim = OptimConfig.from_dict(config.sft_optim.to_dict(), "sft_optim")
+    rl_optim = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim")
+    rl = RLConfig.from_dict(config.rl.to_dict())
+    _check_rollout(config.get("rollout", {}))
+    print(f"objective: {rl.loss_config().describe()}", flush=True)
+    mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
+    sharding.validate_model_for_mesh(cfg, mesh)
+    print(sharding.describe_mesh(mesh), flush=True)
+    # A training step's rows are split evenly over the mesh's batch shards (sampling pads itself).
+    shards, g = sharding.batch_shards(mesh), rl.samples_per_prompt
+    for key, rows in (("sft.batch_size", config.sft.batch_size),
+                      ("rl.prompts_per_step * rl.samples_per_prompt / rl.minibatches",
+                       rl.prompts_per_step * g // rl.minibatches)):
+        if rows % shards:
+            raise ValueError(f"{key} = {rows} rows, not a multiple of the mesh's {shards} batch shards "
+                             "(mesh.data * mesh.fsdp * mesh.expert): change one or the other.")
+    # With fewer kept groups than rl.prompts_per_step (dynamic sampling ran out of generation
+    # batches), train on a number of groups whose minibatches still split evenly over the shards.
+    group_unit = 1 if shards == 1 else shards * rl.minibatches // math.gcd(g, shards * rl.minibatches)
+    # An environment curriculum (config.curriculum) replaces data.task; config.length stages the window.
+    curriculum = length_bias = windows = None
+    if config.get("curriculum") is not None:
+        from m1jax.envs.curriculum import Curriculum
+        from m1jax.envs.genrm import LengthBiasMonitor
+
+        curriculum, length_bias = Curriculum(config.curriculum), LengthBiasMonitor()
+    task = curriculum.task() if curriculum else tasks.make_task(config.data)  # data files are read and checked here
+    tok = task.tokenizer
+    if cfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens: "
+                         f"set --config.model.vocab_size={tok.vocab_size}.")
+    # unknown reward names fail here
+    score_all = curriculum.score_all if curriculum else functools.partial(rewards.score_all, rewards.get(rl.reward))
+    if config.get("length") is not None:
+        from m1jax.envs.length import LengthSchedule
+
+        windows = LengthSchedule(config.length, task.max_new_tokens)
+    # SFT runs config.sft.steps steps, or stops early at the first held-out evaluation (every
+    # sft.eval_every steps) that reaches sft.stop_at_pass_at_1: RL then starts from a comparable
+    # model whatever the SFT trajectory (tiny models learn addition in a sudden jump whose step
+    # varies by hundreds between seeds, or with the summation order of a kernel).
+    stop_at, eval_every = config.sft.get("stop_at_pass_at_1"), config.sft.get("eval_every", 50)
+    if stop_at is not None and not (0 < stop_at <= 1 and eval_every >= 1):
+        raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every}: the threshold must be "
+                         "in (0, 1] and the interval >= 1 step (or set stop_at_pass_at_1=None to run all sft.steps).")
+    return Setup(config, workdir, cfg, sft_optim, rl_optim, rl, mesh, shards, group_unit, task, score_all, curriculum,
+                 length_bias, windows, stop_at, eval_every)
+
+
+def train_and_evaluate(s: Setup) -> dict:
+    """Run (or resume) the training of a checked ``Setup``; returns eval.json's contents."""
+    config, rl, task, windows, curriculum = s.config, s.rl, s.task, s.windows, s.curriculum
+    fetch = distributed.fetch  # device_get that gathers what other processes' devices hold
+    workdir = storage.prepare_dir(s.workdir)  # local path or gs://bucket/path
+    primary = distributed.is_primary()  # in a multi-process run only process 0 writes the logs and reports
+    if primary:
+        storage.write_text(storage.join(workdir, checkpoint.CONFIG_FILE), config.to_json_best_effort(indent=2))
+    tok = task.tokenizer
+    width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
+
+    # sampling and training on one mesh: parameters (and so the optimizer state) sharded
+    model = sharding.build_on_mesh(lambda: MiniMaxM1(s.model, rngs=nnx.Rngs(config.seed)), s.mesh)
+    print(sharding.describe_params(model), flush=True)
+    sft_opt = nnx.Optimizer(model, make_optimizer(s.sft_optim), wrt=nnx.Param)
+    rl_opt = nnx.Optimizer(model, make_optimizer(s.rl_optim), wrt=nnx.Param)
+    sft_it = iter(task.stream(config.seed).batch(config.sft.batch_size, batch_fn=list).to_iter_dataset())
+    rl_it = curriculum.iterator(config.seed + 1) if curriculum else iter(task.stream(config.seed + 1).to_iter_dataset())
+    guard = NonFiniteGuard(config.max_nonfinite_in_a_row)
+
+    # ---------------------------------------------------------------- sampling, scoring, evaluation
+    ro = config.get("rollout", {})
+    engine, slots = ro.get("engine", "continuous"), ro.get("slots", 0)
+    kv_dtype = ro.get("kv_dtype") or None  # the sampler's softmax-layer KV caches (None: the compute dtype)
+    greedy = SamplingParams(greedy=True, max_new_tokens=task.max_new_tokens, stop_token_ids=(tok.eos_id,))
+    sampling = SamplingParams(temperature=rl.temperature, max_new_tokens=task.max_new_tokens,
+                              stop_token_ids=(tok.eos_id,))
+
+    def sample(probs, params, num_samples=1, key=None, max_new_tokens=None):
+        """Completions of problems: on the slot engine (fresh slots each call, prompt width
+        task.max_prompt_len and params.max_new_tokens completion columns: one compiled shape; each
+        sample's limit max_new_tokens), or in one static batch, prompts left-padded to
+        task.max_prompt_len."""
+        if engine == "continuous":
+            n = slots or len(probs) * num_samples
+            r = generate_slots(model, [p.prompt_ids for p in probs], params, num_samples, key=key,
+                               slots=-(-n // s.shards) * s.shards, max_new_tokens=max_new_tokens,
+                               prompt_width=task.max_prompt_len, kv_dtype=kv_dtype)
+            return r.rollout
+        if max_new_tokens is not None:
+            params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
+        ids, mask = left_pad([p.prompt_ids for p in probs], tok.pad_id, width=task.max_prompt_len)
+        return fetch(generate(model, ids, params, num_samples=num_samples, key=key, prompt_mask=mask,
+                              kv_dtype=kv_dtype))
+
+    def score(probs, r, num_samples):
+        """Rewards of the samples of each problem (rows i*G ... i*G+G-1); failures print and score 0."""
+        report = s.score_all(
+            [tok.decode(p.prompt_ids) for p in probs for _ in range(num_samples)],
+            [completion_text(tok, r.tokens[i, :r.lengths[i]]) for i in range(len(probs) * num_samples)],
+            [p.answer for p in probs for _ in range(num_samples)], rl.reward_timeout_s)
+        for msg in report.messages[:3]:
+            bar.message(f"reward failure (scored 0): {msg}")
+        return report
+
+    def pass_at_1():
+        """Held-out greedy pass@1: a completion passes when its reward is > 0."""
+        return float(np.mean(np.asarray(score(task.eval_set, sample(task.eval_set, greedy), 1).scores) > 0))
+
+    learner = RLLearner(model, rl_opt, rl, sample=lambda probs, n, key, window: sample(probs, sampling, n, key, window),
+                        score=score, problems=rl_it, width=width, max_new_tokens=task.max_new_tokens,
+                        pad_id=tok.pad_id, key=jax.random.key(config.seed), group_unit=s.group_unit, windows=windows,
+                        guard=guard, fetch=fetch)
+
+    # ---------------------------------------------------------------- checkpoints (resume)
+    ckpts = checkpoint.RunCheckpoints(workdir, config.checkpoint.keep)
+    start, meta = 0, {"eval_before": None, "sft_end": None if config.sft.steps else 0}
+    restored = ckpts.restore(model=model, sft_opt=sft_opt, rl_opt=rl_opt)
+    if restored is not None:
+        start, meta = restored
+        sft_it.set_state(meta["sft_data"])
+        rl_it.set_state(meta["rl_data"])
+        if windows:
+            windows.restore(meta["length"])
+        learner.key = jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32))
+        if "sft_end" not in meta:  # a checkpoint written before SFT could stop early
+            meta["sft_end"] = config.sft.steps if start >= config.sft.steps else None
+        print(f"resumed from checkpoint step {start}", flush=True)
+
+    def total_steps():  # SFT's steps (all of them until it has ended) + RL's
+        return (config.sft.steps if meta["sft_end"] is None else meta["sft_end"]) + rl.steps
+
+    def save(step):
+        meta.update(sft_data=sft_it.get_state(), rl_data=rl_it.get_state(), length=windows and windows.state(),
+                    key=np.asarray(jax.random.key_data(learner.key)).tolist())
+        ckpts.save(step, meta, model=model, sft_opt=sft_opt, rl_opt=rl_opt)
+
+    bar = ProgressBar(total_steps(), start, every=config.log_every, stream=None if primary else io.StringIO())
+    if primary:
+        storage.prepare_dir(storage.join(workdir, "tb"))
+        metrics = MetricsWriter(
+            storage.open_append(storage.join(workdir, checkpoint.METRICS_FILE)),
+            EventFileWriter(storage.open_append(storage.join(workdir, "tb", event_file_name()), binary=True),
+                            resume_step=start if start else None))
+    else:
+        metrics = MetricsWriter(io.StringIO())
+    log = metrics.write
+
+    try:
+        t_start = time.perf_counter()
+        step = start
+        while step < total_steps():
+            if meta["sft_end"] is None:  # ------------------------------------------------------ SFT
+                ids, mask = sft_batch(next(sft_it), tok, width)
+                m = fetch(sft_step(model, sft_opt, jnp.asarray(ids), jnp.asarray(mask)))
+                last = step == config.sft.steps - 1
+                if step % config.log_every == 0 or last or not m["finite"]:
+                    log({"step": step, "phase": "sft", **m})
+                guard(m["finite"], step)
+                bar.update(step + 1, f"sft loss {float(m['sft_loss']):.3f}")
+                if last or (s.stop_at is not None and (step + 1) % s.eval_every == 0):
+                    p = pass_at_1()
+                    log({"step": step, "phase": "eval", "pass_at_1": p})
+                    if last or p >= s.stop_at:
+                        meta.update(eval_before=p, sft_end=step + 1)
+                        bar.total = total_steps()
+                        bar.message(f"held-out pass@1 after SFT (before RL): {p:.3f}, SFT ended at step {step + 1}")
+            else:  # -------------------------------------------------------------------------- RL
+                t0 = time.perf_counter()
+                rl_step = step - meta["sft_end"]
+                if curriculum:  # this step's mixture weights
+                    rl_it.set_step(rl_step)
+                window = windows.window if windows else None  # this step's generation window
+                collected = learner.collect(window)
+                rec = {"step": step, "phase": "rl", **collected.metrics}
+                if collected.batch is not None:
+                    rec.update(learner.update(collected, step, rl_step, t0))
+                if curriculum:
+                    rec.update(curriculum.weights(rl_step))
+                    rec.update(curriculum.metrics(collected.problems, collected.rewards, collected.lengths))
+                    # reward vs length correlation; flag when reward grows with length but "solved" does not
+                    rec.update(s.length_bias.update(collected.rewards, collected.lengths, collected.rewards >= 1))
+                if windows:
+                    rec.setdefault("length/window", window)
+                log(rec)
+                bar.update(step + 1, f"rl reward {rec['reward_mean']:.3f} kept {rec['groups_kept']}")
+            if (step + 1) % config.checkpoint.every == 0 or step + 1 == total_steps():
+                save(step + 1)
+            if config.get("crash_after_step") is not None and step + 1 == config.crash_after_step:
+                ckpts.wait()
+                raise SystemExit(f"crash_after_step={config.crash_after_step}: simulated crash (testing hook)")
+            step += 1
+    except BaseException:  # a crash (or the testing hook): what was logged is on disk
+        metrics.close()
+        raise
+    finally:
+        ckpts.close()  # waits for the last save
+    after = pass_at_1()
+    before = meta["eval_before"]
+    result = {"pass_at_1_before_rl": before, "pass_at_1_after_rl": after,
+              "gain_points": None if before is None else 100 * (after - before),
+              "eval_size": len(task.eval_set), "wall_s": time.perf_counter() - t_start}
+    log({"step": total_steps(), "phase": "eval", "pass_at_1": after})
+    metrics.close()
+    bar.message(f"held-out pass@1: {before} after SFT -> {after:.3f} after RL")
+    if primary:
+        storage.write_text(storage.join(workdir, checkpoint.EVAL_FILE), json.dumps(result, indent=2))
+        plot_reward_curve(workdir)
+    return result
+
+
+def plot_reward_curve(workdir: str) -> None:
+    """workdir/reward_curve.png: the sampled reward of every RL step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no reward_curve.png)")
+        return
+    recs = [json.loads(line) for line in storage.read_text(storage.join(workdir, checkpoint.METRICS_FILE)).splitlines()]
+    rl = [r for r in recs if r.get("phase") == "rl"]
+    if not rl:
+        return
+    fig = plt.figure(figsize=(5, 3))
+    plt.plot([r["step"] for r in rl], [r["reward_mean"] for r in rl])
+    plt.xlabel("step")
+    plt.ylabel("mean reward (sampled, T=1)")
+    plt.tight_layout()
+    storage.save_figure(fig, storage.join(workdir, "reward_curve.png"))
