@@ -157,9 +157,6 @@ def main(argv):
         storage.check_bucket(_OUTPUT.value)  # a gs:// output's bucket must exist: fail before any work
         if not storage.exists(_PROMPTS.value):
             raise FileNotFoundError(f"--prompts={_PROMPTS.value}: no such file (a JSONL file, local or gs://).")
-        if _CKPT.value and not storage.exists(_CKPT.value):
-            raise FileNotFoundError(f"--checkpoint={_CKPT.value}: no such directory (a train.py run, or a "
-                                    "transformers/original MiniMax checkpoint directory).")
         mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
         print(sharding.describe_mesh(mesh), file=sys.stderr)
         tok = None
@@ -170,6 +167,9 @@ def main(argv):
         sp = SamplingParams(**{k: (tuple(v) if k == "stop_token_ids" else v) for k, v in config.sampling.items()})
         if tok is not None and tok.eos_id not in sp.stop_token_ids:
             sp = dataclasses.replace(sp, stop_token_ids=sp.stop_token_ids + (tok.eos_id,))
+        if _CKPT.value and not storage.exists(_CKPT.value):
+            raise FileNotFoundError(f"--checkpoint={_CKPT.value}: no such directory (a train.py run, or a "
+                                    "transformers/original MiniMax checkpoint directory).")
         if mesh.size > 1:  # sample on the mesh: parameters sharded, the MoE expert-parallel
             jax.set_mesh(mesh)
         model = load_model(_CKPT.value, config, mesh)

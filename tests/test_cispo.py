@@ -153,3 +153,22 @@ def test_config_errors_and_description():
     with pytest.raises(ValueError, match="mask_eps"):
         LossConfig(mask_eps_low=0.2)
     assert "clip(r, 0.0, 5.0)" in PRESETS["cispo"].describe()
+
+
+def test_tis_factor_is_the_capped_detached_sampler_ratio():
+    """tis_cap: each token's loss term is scaled by min(pi_old / pi_sampler, cap), held constant: the
+    gradient equals REINFORCE scaled by that factor (times the CISPO weight, 1 here since pi = pi_old)."""
+    x, w, w_old, tokens, mask, adv = setup(drift=0.3)
+    logp = logp_fn(w, x, tokens)
+    sampler = logp_fn(w_old, x, tokens)  # a sampler that differs from the trainer
+    cap = 1.2
+    cfg = dataclasses.replace(PRESETS["cispo"], tis_cap=cap)
+    want = np.minimum(np.exp(np.asarray(logp - sampler)), cap)
+    assert 0.1 < (want == cap).mean() < 0.9  # both sides of the cap are exercised
+    got = jax.grad(lambda w: cispo_loss(logp_fn(w, x, tokens), logp, adv, mask, cfg, sampler)[0])(w)
+    np.testing.assert_allclose(got, reinforce_grad(w, x, tokens, adv, mask, jnp.asarray(want)), rtol=1e-5, atol=1e-6)
+    _, metrics = cispo_loss(logp, logp, adv, mask, cfg, sampler)
+    np.testing.assert_allclose(metrics["tis_weight_mean"], np.sum(want * mask) / np.sum(mask), rtol=1e-6)
+    # without tis_cap (or without sampler log-probs) the factor is 1
+    off = jax.grad(lambda w: cispo_loss(logp_fn(w, x, tokens), logp, adv, mask, PRESETS["cispo"], sampler)[0])(w)
+    np.testing.assert_allclose(off, reinforce_grad(w, x, tokens, adv, mask, 1.0), rtol=1e-5, atol=1e-6)
