@@ -49,7 +49,8 @@ from absl import app, flags
 
 from m1jax import cli, distributed
 
-_CONFIG = cli.define_config("rollout.py", "config", "configs/tiny.py", "config file (get_config())")
+_DEFAULT_CONFIG = "configs/tiny.py"
+_CONFIG = cli.define_config("rollout.py", "config", _DEFAULT_CONFIG, "config file (get_config())")
 _CKPT = flags.DEFINE_string("checkpoint", None, "transformers/original MiniMax directory, or a train.py run "
                             "directory (local or gs://)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json or a directory with one, 'arith' or "
@@ -228,4 +229,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.flags_parser("rollout.py", "config", "configs/tiny.py"))
+    app.run(main, flags_parser=cli.flags_parser("rollout.py", "config", _DEFAULT_CONFIG))

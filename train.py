@@ -16,7 +16,8 @@ from absl import app, flags
 
 from m1jax import cli, distributed
 
-_CONFIG = cli.define_config("train.py", "config", "configs/arith_cispo.py", "config file")
+_DEFAULT_CONFIG = "configs/arith_cispo.py"
+_CONFIG = cli.define_config("train.py", "config", _DEFAULT_CONFIG, "config file")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/arith", "output directory (checkpoints, metrics)")
 _PROCESS_FLAGS = distributed.define_flags()  # multi-host: the same command on every host
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the resolved config (file + overrides) and exit")
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main, flags_parser=cli.flags_parser("train.py", "config", "configs/arith_cispo.py")))
+    sys.exit(app.run(main, flags_parser=cli.flags_parser("train.py", "config", _DEFAULT_CONFIG)))

@@ -38,9 +38,6 @@ class RunCheckpoints:
         self.mgr = ocp.CheckpointManager(storage.join(workdir, CHECKPOINTS),
                                          options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
-    def latest_step(self) -> int | None:
-        return self.mgr.latest_step()
-
     def restore(self, **objects) -> tuple[int, dict] | None:
         """(step, meta) of the latest checkpoint, its states written into ``objects``; None if the run
         has no checkpoint yet."""

@@ -55,8 +55,9 @@ def unknown_override(argv: list[str], flag: str, default: str) -> str | None:
     the nearest valid key; None if every override names a key (or the file cannot be loaded)."""
     from m1jax.configs import load_config_file
 
+    path, arg = _config_file(argv, flag, default)
     try:
-        config = load_config_file(*_config_file(argv, flag, default))
+        config = load_config_file(path, arg)
     except Exception:  # noqa: BLE001 -- absl's own message about the file is the better one
         return None
     keys = flat_keys(config)
@@ -69,7 +70,7 @@ def unknown_override(argv: list[str], flag: str, default: str) -> str | None:
             continue
         hint = nearest(key, keys)
         fix = f"did you mean --{flag}.{hint}?" if hint else "--print_config lists every key."
-        return f"--{flag}.{key}: no such key in {_config_file(argv, flag, default)[0]}; {fix}"
+        return f"--{flag}.{key}: no such key in {path}; {fix}"
     return None
 
 
@@ -127,7 +128,3 @@ def user_errors(prog: str, *extra: type[BaseException]):
 def print_config(config: ml_collections.ConfigDict):
     """The resolved config (file + overrides), as the YAML-like text ml_collections prints."""
     print(config, end="" if str(config).endswith("\n") else "\n", flush=True)
-
-
-def script_name() -> str:
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "m1jax"

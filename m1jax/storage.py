@@ -15,8 +15,8 @@ For tests and emulators, gcsfs reads ``STORAGE_EMULATOR_HOST`` and tensorstore r
 from __future__ import annotations
 
 import io
-import logging
 import json
+import logging
 import os
 
 from etils import epath
@@ -108,19 +108,20 @@ def exists(path: str) -> bool:
     return epath.Path(path).exists()
 
 
-def jsonl_lines(path: str) -> list[tuple[int, str]]:
-    """(line number from 1, text) of every non-blank line of a JSONL file, local or gs://. Lines end at
-    "\n" only (JSON strings may hold U+2028, which str.splitlines would also split at)."""
+def jsonl_lines(path: str, what: str = "JSONL file") -> list[tuple[int, str]]:
+    """(line number from 1, text) of every non-blank line of a JSONL file, local or gs://; a missing
+    file raises FileNotFoundError naming ``what`` it is. Lines end at "\n" only (JSON strings may hold
+    U+2028, which str.splitlines would also split at)."""
+    if not exists(path):
+        raise FileNotFoundError(f"{what} {path}: no such file.")
     return [(n, line) for n, line in enumerate(read_text(path).split("\n"), 1) if line.strip()]
 
 
 def read_jsonl(path: str, what: str = "JSONL file") -> list[dict]:
     """The JSON object of every non-blank line; a missing file, or a line that is not a JSON object,
     raises naming the file and the line."""
-    if not exists(path):
-        raise FileNotFoundError(f"{what} {path}: no such file.")
     rows = []
-    for n, line in jsonl_lines(path):
+    for n, line in jsonl_lines(path, what):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:

@@ -33,6 +33,7 @@ from m1jax.optim import OptimConfig, make_optimizer
 from m1jax.rl.learner import NonFiniteGuard, RLConfig, RLLearner
 from m1jax.rl.steps import sft_step
 from m1jax.rollout import SamplingParams, generate, generate_slots, left_pad
+from m1jax.rollout.slots import check_engine_config
 
 
 @dataclasses.dataclass
@@ -57,17 +58,6 @@ class Setup:
     eval_every: int = 50
 
 
-def _check_rollout(ro) -> None:
-    if ro.get("engine", "continuous") not in ("continuous", "static"):
-        raise ValueError(f"rollout.engine={ro['engine']!r}: use 'continuous' (the slot engine) or 'static'.")
-    if ro.get("kv_dtype", "") not in ("", "float32", "bfloat16"):
-        raise ValueError(f"rollout.kv_dtype={ro['kv_dtype']!r}: use '' (the model's compute dtype), 'float32' or "
-                         "'bfloat16'.")
-    slots = ro.get("slots", 0)
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
-        raise ValueError(f"rollout.slots={slots!r}: must be an integer >= 0 (0: every sample of a call at once).")
-
-
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Check a training config (model, optimizers, rl, rollout, mesh, data files, reward) before
     anything compiles or is written; every mistake raises ValueError or FileNotFoundError naming it."""
@@ -76,7 +66,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     sft_optim = OptimConfig.from_dict(config.sft_optim.to_dict(), "sft_optim")
     rl_optim = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim")
     rl = RLConfig.from_dict(config.rl.to_dict())
-    _check_rollout(config.get("rollout", {}))
+    check_engine_config(config.get("rollout", {}))
     print(f"objective: {rl.loss_config().describe()}", flush=True)
     mesh = sharding.mesh_from_config(config.get("mesh") and config.mesh.to_dict())
     sharding.validate_model_for_mesh(cfg, mesh)

@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping
 
 import grain
 
-from m1jax import tokenizer as tokenizers
 from m1jax import storage
+from m1jax import tokenizer as tokenizers
 from m1jax.data import arith
 from m1jax.data.problem import Problem, prompt_ids
 
@@ -84,9 +84,7 @@ def load_jsonl(path: str, tokenizer, max_prompt_tokens: int) -> list[Problem]:
     """Problems of a JSONL file; a malformed line or a prompt that does not fit raises ValueError
     naming the file and line."""
     problems = []
-    if not storage.exists(path):
-        raise FileNotFoundError(f"data file {path}: no such file.")
-    for n, line in storage.jsonl_lines(path):
+    for n, line in storage.jsonl_lines(path, "data file"):
         where = f"{path} line {n}"
         try:
             rec = json.loads(line)

@@ -101,11 +101,10 @@ class Collected:
     lengths: np.ndarray  # [every sampled row]
     batch: RLBatch | None  # the n kept groups' G rows each (None: no group to train on)
     advantages: np.ndarray | None  # [n * G]
-    kept_lengths: np.ndarray | None  # [n * G]
 
 
 class RLLearner:
-    """``collect(step, window)`` then ``update(collected, step)``; ``sample(problems, num_samples, key,
+    """``collect(window)`` then ``update(collected, step, rl_step)``; ``sample(problems, num_samples, key,
     max_new_tokens)`` -> a Rollout, ``score(problems, rollout, G)`` -> a rewards ScoreReport."""
 
     def __init__(self, model, optimizer, cfg: RLConfig, *, sample: Callable, score: Callable, problems: Iterator,
@@ -152,11 +151,11 @@ class RLLearner:
         metrics = {"reward_mean": rewards.mean(), "pass_rate": (rewards > 0).mean(), "groups_kept": len(kept_rewards),
                    "gen_batches": n_gen, "reward_failures": n_failures}
         n = min(len(kept_rewards), cfg.prompts_per_step) // self.group_unit * self.group_unit
-        out = Collected(metrics, problems, rewards, np.concatenate(lengths), None, None, None)
+        out = Collected(metrics, problems, rewards, np.concatenate(lengths), None, None)
         if n:
-            out.kept_lengths = np.concatenate(kept_len[:n])
             out.batch = rollout_batch(kept_prompts[: n * g], np.concatenate(kept_tokens[:n]),
-                                      np.concatenate(kept_logp[:n]), out.kept_lengths, self.width, self.pad_id)
+                                      np.concatenate(kept_logp[:n]), np.concatenate(kept_len[:n]), self.width,
+                                      self.pad_id)
             out.advantages = group_advantages(np.asarray(kept_rewards[:n]),
                                               cfg.advantage_std).reshape(-1).astype(np.float32)
         return out
@@ -166,7 +165,7 @@ class RLLearner:
         step's policy and update metrics (means over its updates, r's 99th percentile over their tokens)."""
         cfg, g = self.cfg, self.cfg.samples_per_prompt
         ids, comp, sampler_lp = collected.batch
-        lengths, adv = collected.kept_lengths, collected.advantages
+        lengths, adv = comp.sum(axis=1), collected.advantages  # completion tokens per row
         rec = {}
         # The sampling policy on its own samples (the trainer's forward, before the updates).
         lp_now, entropy = self.fetch(policy_stats(self.model, jnp.asarray(ids), cfg.temperature))

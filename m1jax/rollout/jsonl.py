@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 
-
 from m1jax import storage
 from m1jax.rollout.engine import FINISH_REASONS, left_pad
+from m1jax.rollout.slots import check_engine_config
 
 
 def prompt_ids(rec: dict, tokenizer=None, bos: bool = False) -> list[int]:
@@ -42,7 +42,7 @@ def read_prompts(path: str, vocab_size: int, max_len: int, tokenizer=None, bos: 
     """[(index, ids or None, error or None)], index = the line number from 0 -- bad prompts carry an
     error, never raise."""
     out = []
-    for n, line in storage.jsonl_lines(path):
+    for n, line in storage.jsonl_lines(path, "prompts file"):
         i = n - 1
         try:
             ids = prompt_ids(json.loads(line), tokenizer, bos)
@@ -70,14 +70,7 @@ def check_rollout_config(ro) -> None:
     for key in ("record_routing", "sort_by_length"):
         if not isinstance(ro.get(key, False), bool):
             raise ValueError(f"rollout.{key}={ro[key]!r}: must be True or False.")
-    if ro.get("engine", "continuous") not in ("continuous", "static"):
-        raise ValueError(f"rollout.engine={ro.engine!r}: use 'continuous' (the slot engine) or 'static'.")
-    slots = ro.get("slots", 0)
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
-        raise ValueError(f"rollout.slots={slots!r}: must be an integer >= 0 (0: batch_size x num_samples).")
-    kv = ro.get("kv_dtype", "")
-    if kv not in ("", "float32", "bfloat16"):
-        raise ValueError(f"rollout.kv_dtype={kv!r}: use '' (the model's compute dtype), 'float32' or 'bfloat16'.")
+    check_engine_config(ro)
 
 
 def plan_batches(good: list, batch_size: int, by_length: bool = False) -> list[list]:

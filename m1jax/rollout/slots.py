@@ -52,6 +52,19 @@ class SlotRun(NamedTuple):
         return self.busy_steps / max(self.slot_steps, 1)
 
 
+def check_engine_config(ro) -> None:
+    """The engine settings of a config's ``rollout`` section (engine, slots, kv_dtype), checked before
+    anything compiles; rollout.py and train.py share them."""
+    if ro.get("engine", "continuous") not in ("continuous", "static"):
+        raise ValueError(f"rollout.engine={ro['engine']!r}: use 'continuous' (the slot engine) or 'static'.")
+    slots = ro.get("slots", 0)
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+        raise ValueError(f"rollout.slots={slots!r}: must be an integer >= 0 (0: one slot per sample of a call).")
+    kv = ro.get("kv_dtype", "")
+    if kv not in ("", "float32", "bfloat16"):
+        raise ValueError(f"rollout.kv_dtype={kv!r}: use '' (the model's compute dtype), 'float32' or 'bfloat16'.")
+
+
 def prompt_bucket(n: int, chunk: int) -> int:
     """The width a prompt of n tokens is prefilled at: a power of two from 16 up to ``chunk``,
     past it a multiple of ``chunk`` (the prefill runs chunk by chunk)."""
