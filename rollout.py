@@ -113,7 +113,8 @@ def load_model(checkpoint: str | None, config, mesh):
     parameter in its sharding, on one device as is."""
     from flax import nnx
 
-    from m1jax import runs, sharding, storage
+    from m1jax import sharding, storage
+    from m1jax.checkpoints import runs
     from m1jax.configs import model_config
     from m1jax.model import MiniMaxM1
 
@@ -141,7 +142,7 @@ def main(argv):
 
     from m1jax import sharding, storage
     from m1jax import tokenizer as tokenizers
-    from m1jax.hf import CheckpointError
+    from m1jax.checkpoints.hf import CheckpointError
     from m1jax.rollout import SamplingParams, generate
     from m1jax.rollout.jsonl import (check_rollout_config, finished_lines, padded_batch, plan_batches, read_prompts,
                                      sample_lines, write_atomically)

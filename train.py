@@ -4,7 +4,7 @@
 
 Writes workdir/metrics.jsonl (one line per step), workdir/eval.json (held-out pass@1 after SFT,
 i.e. before RL, and after RL), workdir/reward_curve.png, and orbax checkpoints in
-workdir/checkpoints (the format: m1jax/checkpoint.py); running the same command again resumes from
+workdir/checkpoints (the format: m1jax/checkpoints/runs.py); running the same command again resumes from
 the latest checkpoint. The training itself is m1jax/training.py's; this file is its command line.
 """
 

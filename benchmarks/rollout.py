@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from m1jax import hf  # noqa: E402
+from m1jax.checkpoints import hf  # noqa: E402
 from m1jax.model.config import LINEAR  # noqa: E402
 from m1jax.rollout import SamplingParams, generate  # noqa: E402
 
@@ -50,7 +50,7 @@ def tiny_hf_model():
 
 
 def as_m1jax(hf_model):
-    """The same weights as an m1jax model, through a transformers checkpoint (m1jax.hf)."""
+    """The same weights as an m1jax model, through a transformers checkpoint (m1jax.checkpoints.hf)."""
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d)
         return hf.load(d)

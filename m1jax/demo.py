@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m1jax import hf
+from m1jax.checkpoints import hf
 from m1jax.configs import load_config_file, model_config
 from m1jax.model import MiniMaxM1
 

@@ -13,7 +13,7 @@ Mesh axes (all five always exist; size 1 means unused):
 
 Every parameter carries logical axis names (``axes`` metadata, set where it is created);
 ``RULES`` maps each name to mesh axes. A dimension that a mesh axis does not divide is left
-replicated (and reported by ``m1jax.memory_plan``), e.g. 8 kv heads on tensor=16.
+replicated (and reported by ``m1jax.plan.memory``), e.g. 8 kv heads on tensor=16.
 """
 
 from __future__ import annotations

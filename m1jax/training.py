@@ -4,18 +4,17 @@
     result = training.train_and_evaluate(setup)
 
 ``train.py`` is the command line around these two calls. The run directory's format is
-m1jax/checkpoint.py's; the RL step is m1jax/rl/learner.py's.
+m1jax/checkpoints/runs.py's; the RL step is m1jax/rl/learner.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +22,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from m1jax import checkpoint, distributed, sharding, storage
+from m1jax import distributed, sharding, storage
+from m1jax.checkpoints import runs
 from m1jax.configs import model_config
-from m1jax.data import rewards, tasks
+from m1jax.data import tasks
 from m1jax.data.problem import completion_text, sft_batch
 from m1jax.metrics import EventFileWriter, MetricsWriter, ProgressBar, event_file_name
 from m1jax.model import MiniMaxM1, ModelConfig
@@ -49,10 +49,7 @@ class Setup:
     mesh: Any
     shards: int  # the mesh's batch shards
     group_unit: int  # kept groups are trained on in multiples of this (even minibatches over the shards)
-    task: tasks.Task
-    score_all: Callable  # fn(prompts, completions, references, timeout_s) -> ScoreReport
-    curriculum: Any = None
-    length_bias: Any = None
+    task: tasks.Task  # the problems and their scoring (m1jax/data/tasks.py)
     windows: Any = None  # the length schedule (config.length)
     stop_at: float | None = None  # SFT ends at the first held-out pass@1 >= this
     eval_every: int = 50
@@ -82,20 +79,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     # With fewer kept groups than rl.prompts_per_step (dynamic sampling ran out of generation
     # batches), train on a number of groups whose minibatches still split evenly over the shards.
     group_unit = 1 if shards == 1 else shards * rl.minibatches // math.gcd(g, shards * rl.minibatches)
-    # An environment curriculum (config.curriculum) replaces data.task; config.length stages the window.
-    curriculum = length_bias = windows = None
-    if config.get("curriculum") is not None:
-        from m1jax.envs.curriculum import Curriculum
-        from m1jax.envs.genrm import LengthBiasMonitor
-
-        curriculum, length_bias = Curriculum(config.curriculum), LengthBiasMonitor()
-    task = curriculum.task() if curriculum else tasks.make_task(config.data)  # data files are read and checked here
+    # config.data (or an environment curriculum, config.curriculum) and its reward: data files are
+    # read and checked here, unknown reward names fail here. config.length stages the window.
+    task, windows = tasks.from_config(config), None
     tok = task.tokenizer
     if cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens: "
                          f"set --config.model.vocab_size={tok.vocab_size}.")
-    # unknown reward names fail here
-    score_all = curriculum.score_all if curriculum else functools.partial(rewards.score_all, rewards.get(rl.reward))
     if config.get("length") is not None:
         from m1jax.envs.length import LengthSchedule
 
@@ -108,18 +98,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     if stop_at is not None and not (0 < stop_at <= 1 and eval_every >= 1):
         raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every}: the threshold must be "
                          "in (0, 1] and the interval >= 1 step (or set stop_at_pass_at_1=None to run all sft.steps).")
-    return Setup(config, workdir, cfg, sft_optim, rl_optim, rl, mesh, shards, group_unit, task, score_all, curriculum,
-                 length_bias, windows, stop_at, eval_every)
+    return Setup(config, workdir, cfg, sft_optim, rl_optim, rl, mesh, shards, group_unit, task, windows, stop_at,
+                 eval_every)
 
 
 def train_and_evaluate(s: Setup) -> dict:
     """Run (or resume) the training of a checked ``Setup``; returns eval.json's contents."""
-    config, rl, task, windows, curriculum = s.config, s.rl, s.task, s.windows, s.curriculum
+    config, rl, task, windows = s.config, s.rl, s.task, s.windows
     fetch = distributed.fetch  # device_get that gathers what other processes' devices hold
     workdir = storage.prepare_dir(s.workdir)  # local path or gs://bucket/path
     primary = distributed.is_primary()  # in a multi-process run only process 0 writes the logs and reports
     if primary:
-        storage.write_text(storage.join(workdir, checkpoint.CONFIG_FILE), config.to_json_best_effort(indent=2))
+        storage.write_text(storage.join(workdir, runs.CONFIG_FILE), config.to_json_best_effort(indent=2))
     tok = task.tokenizer
     width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
 
@@ -129,7 +119,7 @@ def train_and_evaluate(s: Setup) -> dict:
     sft_opt = nnx.Optimizer(model, make_optimizer(s.sft_optim), wrt=nnx.Param)
     rl_opt = nnx.Optimizer(model, make_optimizer(s.rl_optim), wrt=nnx.Param)
     sft_it = iter(task.stream(config.seed).batch(config.sft.batch_size, batch_fn=list).to_iter_dataset())
-    rl_it = curriculum.iterator(config.seed + 1) if curriculum else iter(task.stream(config.seed + 1).to_iter_dataset())
+    rl_it = task.rl_iterator(config.seed + 1)
     guard = NonFiniteGuard(config.max_nonfinite_in_a_row)
 
     # ---------------------------------------------------------------- sampling, scoring, evaluation
@@ -159,7 +149,7 @@ def train_and_evaluate(s: Setup) -> dict:
 
     def score(probs, r, num_samples):
         """Rewards of the samples of each problem (rows i*G ... i*G+G-1); failures print and score 0."""
-        report = s.score_all(
+        report = task.score_all(
             [tok.decode(p.prompt_ids) for p in probs for _ in range(num_samples)],
             [completion_text(tok, r.tokens[i, :r.lengths[i]]) for i in range(len(probs) * num_samples)],
             [p.answer for p in probs for _ in range(num_samples)], rl.reward_timeout_s)
@@ -177,7 +167,7 @@ def train_and_evaluate(s: Setup) -> dict:
                         guard=guard, fetch=fetch)
 
     # ---------------------------------------------------------------- checkpoints (resume)
-    ckpts = checkpoint.RunCheckpoints(workdir, config.checkpoint.keep)
+    ckpts = runs.RunCheckpoints(workdir, config.checkpoint.keep)
     start, meta = 0, {"eval_before": None, "sft_end": None if config.sft.steps else 0}
     restored = ckpts.restore(model=model, sft_opt=sft_opt, rl_opt=rl_opt)
     if restored is not None:
@@ -203,7 +193,7 @@ def train_and_evaluate(s: Setup) -> dict:
     if primary:
         storage.prepare_dir(storage.join(workdir, "tb"))
         metrics = MetricsWriter(
-            storage.open_append(storage.join(workdir, checkpoint.METRICS_FILE)),
+            storage.open_append(storage.join(workdir, runs.METRICS_FILE)),
             EventFileWriter(storage.open_append(storage.join(workdir, "tb", event_file_name()), binary=True),
                             resume_step=start if start else None))
     else:
@@ -232,18 +222,13 @@ def train_and_evaluate(s: Setup) -> dict:
             else:  # -------------------------------------------------------------------------- RL
                 t0 = time.perf_counter()
                 rl_step = step - meta["sft_end"]
-                if curriculum:  # this step's mixture weights
-                    rl_it.set_step(rl_step)
+                task.begin_step(rl_it, rl_step)
                 window = windows.window if windows else None  # this step's generation window
                 collected = learner.collect(window)
                 rec = {"step": step, "phase": "rl", **collected.metrics}
                 if collected.batch is not None:
                     rec.update(learner.update(collected, step, rl_step, t0))
-                if curriculum:
-                    rec.update(curriculum.weights(rl_step))
-                    rec.update(curriculum.metrics(collected.problems, collected.rewards, collected.lengths))
-                    # reward vs length correlation; flag when reward grows with length but "solved" does not
-                    rec.update(s.length_bias.update(collected.rewards, collected.lengths, collected.rewards >= 1))
+                rec.update(task.step_metrics(rl_step, collected.problems, collected.rewards, collected.lengths))
                 if windows:
                     rec.setdefault("length/window", window)
                 log(rec)
@@ -268,7 +253,7 @@ def train_and_evaluate(s: Setup) -> dict:
     metrics.close()
     bar.message(f"held-out pass@1: {before} after SFT -> {after:.3f} after RL")
     if primary:
-        storage.write_text(storage.join(workdir, checkpoint.EVAL_FILE), json.dumps(result, indent=2))
+        storage.write_text(storage.join(workdir, runs.EVAL_FILE), json.dumps(result, indent=2))
         plot_reward_curve(workdir)
     return result
 
@@ -283,7 +268,7 @@ def plot_reward_curve(workdir: str) -> None:
     except ImportError:
         print("(matplotlib not installed: no reward_curve.png)")
         return
-    recs = [json.loads(line) for line in storage.read_text(storage.join(workdir, checkpoint.METRICS_FILE)).splitlines()]
+    recs = [json.loads(line) for line in storage.read_text(storage.join(workdir, runs.METRICS_FILE)).splitlines()]
     rl = [r for r in recs if r.get("phase") == "rl"]
     if not rl:
         return

@@ -37,7 +37,7 @@ def _envs_drawn(it, n):
 
 def test_mixture_follows_the_weights_and_resumes_exactly():
     c = Curriculum(CFG)
-    it = c.iterator(seed=1)
+    it = c.rl_iterator(seed=1)
     it.set_step(0)
     assert set(_envs_drawn(it, 50)) == {"sort"}  # weight 0: never drawn
     it.set_step(4)
@@ -45,7 +45,7 @@ def test_mixture_follows_the_weights_and_resumes_exactly():
     assert abs(share - 0.5) < 0.08, share  # binomial sd 0.025
     state = it.get_state()
     ahead = [next(it).answer for _ in range(10)]
-    fresh = c.iterator(seed=1)
+    fresh = c.rl_iterator(seed=1)
     fresh.set_state(json.loads(json.dumps(state)))  # the checkpoint stores it as JSON
     assert [next(fresh).answer for _ in range(10)] == ahead
     with pytest.raises(ValueError, match="unknown keys"):
@@ -54,21 +54,21 @@ def test_mixture_follows_the_weights_and_resumes_exactly():
 
 def test_curriculum_reward_routes_to_each_environment_and_reports_per_env():
     c = Curriculum(CFG)
-    probs = c.eval_set()
+    probs = c.eval_set
     assert len(probs) == 6 and {json.loads(p.answer)["env"] for p in probs} == {"sort", "boolean"}
     sort_p = next(p for p in probs if json.loads(p.answer)["env"] == "sort")
     ref = json.loads(json.loads(sort_p.answer)["reference"])
     right = "\\boxed{" + ", ".join(map(str, ref)) + "}"
     assert c.reward("", right, sort_p.answer) == 1.0
     assert c.reward("", "\\boxed{True}", sort_p.answer) == 0.0  # held-out problems: correctness only
-    rl_p = next(iter(c.iterator(seed=0)))
+    rl_p = next(iter(c.rl_iterator(seed=0)))
     rl_ref = json.loads(json.loads(rl_p.answer)["reference"])
     assert c.reward("", "\\boxed{" + ", ".join(map(str, rl_ref)) + "}", rl_p.answer) == pytest.approx(1.1)
     assert c.reward("", "\\boxed{True}", rl_p.answer) == pytest.approx(0.1)  # RL: well-formed, wrong
     m = c.metrics([sort_p], [[1.1, 0.1]], [5, 7])
     assert m == {"env/sort/count": 2, "env/sort/reward_mean": pytest.approx(0.6), "env/sort/solved": 0.5,
                  "env/sort/response_len_mean": 6.0, "env/boolean/count": 0}
-    sft = next(iter(c.task().stream(0).to_iter_dataset()))
+    sft = next(iter(c.stream(0).to_iter_dataset()))
     assert sft.answer.startswith("\\boxed{")  # SFT targets are known-correct solutions
 
 

@@ -86,7 +86,7 @@ def _bigram_judge(path, verdict: str):
     import jax.numpy as jnp
     from flax import nnx
 
-    from m1jax import runs
+    from m1jax.checkpoints import runs
     from m1jax import tokenizer as tokenizers
     from m1jax.model import MiniMaxM1
     from m1jax.model.config import ModelConfig

@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from m1jax import runs
+from m1jax.checkpoints import runs
 from m1jax import tokenizer as tokenizers
 from m1jax.data import arith
 from m1jax.rollout import SamplingParams, generate
@@ -26,7 +26,7 @@ def test_export_of_a_trained_run_generates_like_m1jax(tmp_path):
     res = subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *TINY],
                          capture_output=True, text=True, timeout=600, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = subprocess.run([sys.executable, "-m", "m1jax.export", f"--workdir={workdir}", f"--out={out}",
+    res = subprocess.run([sys.executable, "-m", "m1jax.checkpoints.export", f"--workdir={workdir}", f"--out={out}",
                           "--tokenizer=arith"], capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "exported step 13" in res.stdout
@@ -62,7 +62,8 @@ def test_export_of_a_trained_run_generates_like_m1jax(tmp_path):
 
 
 def test_export_errors(tmp_path):
-    from m1jax import export, storage
+    from m1jax import storage
+    from m1jax.checkpoints import export
 
     with pytest.raises(storage.StorageError, match="not a train.py run directory"):
         export.export(str(tmp_path / "nothing"), str(tmp_path / "out"))

@@ -11,7 +11,8 @@ import pytest
 from etils import epath
 from flax import nnx
 
-from m1jax import runs, sharding as shd, storage
+from m1jax import sharding as shd, storage
+from m1jax.checkpoints import runs
 from tests.gcs_fixture import BUCKET, gcs  # noqa: F401 -- the fixture
 
 # train.py as a user runs it (one CPU device), as in tests/test_train.py.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file as torch_save_file
 
-from m1jax import hf
+from m1jax.checkpoints import hf
 from tests.hf_utils import hf_logits, tiny_hf_model
 
 TOL = 1e-4  # max |delta logit| in fp32 (issue 2 acceptance)

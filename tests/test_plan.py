@@ -1,4 +1,4 @@
-"""TPU ahead-of-time plans (m1jax.plan, m1jax.aot) and the model options they rely on.
+"""TPU ahead-of-time plans (m1jax.plan, m1jax.plan.aot) and the model options they rely on.
 
 The compile tests need libtpu (``pip install -e ".[tpu]"``) and are skipped without it; they
 compile a 2-layer model for a v5p-8 slice (4 chips) with libtpu's real TPU compiler.
@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from m1jax import aot, plan
+from m1jax.plan import aot, pod
 from m1jax.model import MiniMaxM1, ModelConfig
 from m1jax.sharding import AXES, MeshConfig, spec_for
 
@@ -39,7 +39,7 @@ def test_topology_names():
     for bad in ("v5p-384", "v5litepod-16", "tpu"):
         with pytest.raises(aot.PlanError, match="topology"):
             aot.topology_name(bad)
-    assert plan.next_slice("v5p-512") == "v5p-1024" and plan.next_slice("v5:2x2x1") is None
+    assert pod.next_slice("v5p-512") == "v5p-1024" and pod.next_slice("v5:2x2x1") is None
 
 
 def test_vocab_sharded_only_when_divisible_and_said_so():
@@ -64,8 +64,8 @@ def test_shape_checks_name_the_fix():
         aot.validate_shapes(s, 4)
     with pytest.raises(aot.PlanError, match="--prefill_chunk=48 must divide --prompt_len=64"):
         aot.validate_shapes(dataclasses.replace(s, train_batch=8, prefill_chunk=48), 4)
-    assert plan.default_mesh(256, 32, {}) == MeshConfig(fsdp=8, expert=32)
-    assert plan.default_mesh(256, 32, {"tensor": 8, "expert": 8}) == MeshConfig(fsdp=4, expert=8, tensor=8)
+    assert pod.default_mesh(256, 32, {}) == MeshConfig(fsdp=8, expert=32)
+    assert pod.default_mesh(256, 32, {"tensor": 8, "expert": 8}) == MeshConfig(fsdp=4, expert=8, tensor=8)
 
 
 @pytest.mark.parametrize("field", ["attention_chunk", "remat_layers"])
@@ -96,7 +96,7 @@ def test_memory_options_do_not_change_values(field):
 @needs_libtpu
 def test_plan_compiles_small_config_with_the_pallas_kernel(capsys, monkeypatch):
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
-    code = plan.main(SMALL + ["--mesh.fsdp=1", "--mesh.expert=2", "--mesh.tensor=2", "--batch=4", "--seq_len=512",
+    code = pod.main(SMALL + ["--mesh.fsdp=1", "--mesh.expert=2", "--mesh.tensor=2", "--batch=4", "--seq_len=512",
                               "--prompt_len=256", "--context=1024", "--prefill_chunk=128"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -113,7 +113,7 @@ def test_plan_compiles_small_config_with_the_pallas_kernel(capsys, monkeypatch):
 def test_oversized_plan_fails_with_the_compiler_message(capsys, monkeypatch):
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
     # float32 logits of 4 x 2^20 tokens x 65536 vocab / 4 chips = 256 GiB per chip > 95.74 GiB of HBM.
-    code = plan.main(SMALL + ["--program=train", "--batch=4", f"--seq_len={2**20}", "--model.vocab_size=65536"])
+    code = pod.main(SMALL + ["--program=train", "--batch=4", f"--seq_len={2**20}", "--model.vocab_size=65536"])
     out = capsys.readouterr().out
     assert code == 1, out
     assert "DOES NOT FIT: RESOURCE_EXHAUSTED: Ran out of memory on HBM" in out and "exceeds available HBM (95.74G)" in out
@@ -123,7 +123,7 @@ def test_oversized_plan_fails_with_the_compiler_message(capsys, monkeypatch):
 @needs_libtpu
 def test_bad_mesh_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as e:
-        plan.main(SMALL + ["--mesh.fsdp=3"])
+        pod.main(SMALL + ["--mesh.fsdp=3"])
     assert e.value.code == 2
     assert "choose --mesh.* sizes whose product is 4" in capsys.readouterr().err
 
@@ -132,16 +132,16 @@ def test_auto_meshes_prefer_the_least_communication_that_fits():
     """--mesh=auto's candidates: every one multiplies to the chips and splits the batch; those
     estimated to fit come first, with no sequence axis while one fits; when the state alone leaves
     too little room for a whole sequence per chip group, the sequence axis splits it."""
-    from m1jax.memory_plan import plan as estimate
+    from m1jax.plan.memory import plan as estimate
 
     cfg = ModelConfig(vocab_size=512, hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=32,
                       layer_types=(LIN,) * 7 + (FULL,), num_experts=8, intermediate_size=512, rotary_dim=32)
-    found = plan.auto_meshes(cfg, 64, 8, 4096, hbm=16 * GiB)
+    found = pod.auto_meshes(cfg, 64, 8, 4096, hbm=16 * GiB)
     assert all(mc.size == 64 and 8 % (mc.fsdp * mc.expert) == 0 for _, mc in found)
     first = found[0][1]
     assert found[0][0] <= 0.9 * 16 * GiB and first.sequence == 1, found[:3]
     # 32x the length: one sequence per chip group no longer fits without splitting it.
-    long = plan.auto_meshes(cfg, 64, 8, 4096 * 32, hbm=16 * GiB)
+    long = pod.auto_meshes(cfg, 64, 8, 4096 * 32, hbm=16 * GiB)
     assert long[0][0] <= 0.9 * 16 * GiB and long[0][1].sequence > 1, long[:3]
     assert all(estimate(cfg, mc, 8, 4096 * 32)["total"] > 0.9 * 16 * GiB for _, mc in long if mc.sequence == 1)
 
@@ -151,7 +151,7 @@ def test_plan_compiles_a_sequence_axis_with_the_pallas_kernel(capsys, monkeypatc
     """The 2-layer model with its length split over sequence=2 (x tensor=2) on v5p-8: the train step
     runs the Pallas forward and both backward kernels inside each shard, and the prefill fits."""
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
-    code = plan.main(SMALL + ["--mesh.fsdp=1", "--mesh.sequence=2", "--mesh.tensor=2", "--batch=2", "--seq_len=512",
+    code = pod.main(SMALL + ["--mesh.fsdp=1", "--mesh.sequence=2", "--mesh.tensor=2", "--batch=2", "--seq_len=512",
                               "--rollout_batch=2", "--prompt_len=256", "--context=1024", "--prefill_chunk=256",
                               "--program=train"])
     out = capsys.readouterr().out
@@ -164,10 +164,10 @@ def test_plan_compiles_a_sequence_axis_with_the_pallas_kernel(capsys, monkeypatc
 @needs_libtpu
 def test_plan_auto_mesh_chooses_and_compiles(capsys, monkeypatch):
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
-    code = plan.main(SMALL + ["--mesh=auto", "--program=train", "--batch=4", "--seq_len=256", "--max_tries=1"])
+    code = pod.main(SMALL + ["--mesh=auto", "--program=train", "--batch=4", "--seq_len=256", "--max_tries=1"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "mesh auto: " in out and "mesh auto: chose {'data': 1," in out and "peak train" in out
     with pytest.raises(SystemExit) as e:
-        plan.main(SMALL + ["--mesh=auto", "--mesh.fsdp=2", "--batch=4"])
+        pod.main(SMALL + ["--mesh=auto", "--mesh.fsdp=2", "--batch=4"])
     assert e.value.code == 2 and "drop the --mesh.* flags" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from m1jax import hf
+from m1jax.checkpoints import hf
 from m1jax.model import MiniMaxM1, ModelConfig
 from m1jax.rollout import SamplingParams, generate, left_pad, truncate
 from m1jax.rollout.engine import LENGTH, REPETITION, STOP

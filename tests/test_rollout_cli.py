@@ -182,7 +182,7 @@ def test_rollout_cli_records_routing(tmp_path):
     equal to a full forward pass's routing of the sequence."""
     import jax.numpy as jnp
 
-    from m1jax import hf
+    from m1jax.checkpoints import hf
 
     ckpt = tmp_path / "ckpt"
     tiny_hf_model().save_pretrained(ckpt)

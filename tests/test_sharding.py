@@ -177,7 +177,7 @@ def test_expert_parallel_equals_dense_under_skewed_routing(capacity):
 
 
 def test_memory_plan_matches_real_shards():
-    from m1jax.memory_plan import param_bytes
+    from m1jax.plan.memory import param_bytes
 
     mc = MESHES["fsdp2_expert2_tensor2"]
     model = shd.create_sharded(lambda: MiniMaxM1(CFG, rngs=nnx.Rngs(0)), shd.make_mesh(mc))

@@ -1,7 +1,9 @@
-"""Tasks (arith, JSONL), SFT rows, completion text, and the trainer's rows built from rollouts."""
+"""Tasks (arith, JSONL, one environment), SFT rows, completion text, and the trainer's rows built from rollouts."""
 
 import json
+import string
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -120,3 +122,30 @@ def test_jsonl_stream_is_checkpointable(tmp_path):
     resumed = iter(task.stream(1).to_iter_dataset())
     resumed.set_state(state)
     assert [next(resumed).answer for _ in range(6)] == rest
+
+
+def test_one_task_system_reward_and_environment_tasks_share_the_interface():
+    """arith/JSONL tasks are scored by rl.reward; data.task=env is one registered environment,
+    scored by its verifier; both serve train.py through the same Task methods."""
+    config = ml_collections.ConfigDict({"data": ARITH, "rl": {"reward": "exact_match"}})
+    task = tasks.from_config(config)
+    p = task.eval_set[0]
+    assert task.score_all(["q", "q"], [p.answer, p.answer + "0"], [p.answer] * 2).scores == [1.0, 0.0]
+    assert task.step_metrics(0, [p], [[1.0]], [3]) == {}
+    config.rl.reward = "no_such_reward"
+    with pytest.raises(KeyError, match="unknown reward 'no_such_reward'"):
+        tasks.from_config(config)
+
+    env = tasks.make_task({"task": "env", "env": "sort", "args": {"difficulty": 1}, "eval_size": 2, "eval_seed": 3,
+                           "tokenizer": "chars:" + string.printable, "max_prompt_tokens": 96, "max_new_tokens": 32})
+    held = env.eval_set[0]
+    ref = json.loads(json.loads(held.answer)["reference"])
+    solved = "\\boxed{" + ", ".join(map(str, ref)) + "}"
+    assert len(env.eval_set) == 2
+    assert env.score_all(["q"] * 2, [solved, "\\boxed{0}"], [held.answer] * 2).scores == [1.0, 0.0]
+    it = env.rl_iterator(seed=0)
+    env.begin_step(it, 0)
+    rl_problem = next(it)
+    assert json.loads(rl_problem.answer)["env"] == "sort"
+    m = env.step_metrics(0, [rl_problem], [[1.1, 0.1]], [5, 7])
+    assert m["curriculum/weight/sort"] == 1.0 and m["env/sort/solved"] == 0.5

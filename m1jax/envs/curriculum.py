@@ -34,6 +34,7 @@ from m1jax import tokenizer as tokenizers
 from m1jax.data.problem import Problem, prompt_ids
 from m1jax.data.tasks import Task
 from m1jax.envs.base import Environment, make_env
+from m1jax.envs.genrm import LengthBiasMonitor
 
 _KEYS = {"envs", "schedule", "tokenizer", "max_prompt_tokens", "max_new_tokens", "eval_size_per_env", "eval_seed"}
 
@@ -103,8 +104,9 @@ class _ScheduledMixIterator(grain.DatasetIterator):
             p.set_state(s)
 
 
-class Curriculum:
-    """The environments, their schedule and the tokenizer; builds train.py's Task and RL iterator."""
+class Curriculum(Task):
+    """The environments, their schedule and the tokenizer: a ``Task`` whose RL problems follow the
+    schedule and whose samples are scored by each environment's verifier."""
 
     def __init__(self, cfg: Mapping[str, Any]):
         cfg = dict(cfg)
@@ -121,10 +123,14 @@ class Curriculum:
             raise ValueError("curriculum.envs is empty: name at least one environment.")
         sched = dict(cfg["schedule"])
         self.schedule = Schedule(self.envs, sched["steps"], dict(sched["weights"]), sched.get("interpolation", "linear"))
-        self.tokenizer = tokenizers.load(cfg["tokenizer"])
-        self.max_prompt_tokens, self.max_new_tokens = int(cfg["max_prompt_tokens"]), int(cfg["max_new_tokens"])
-        self.eval_size_per_env, self.eval_seed = int(cfg["eval_size_per_env"]), int(cfg["eval_seed"])
         self.names = list(self.envs)
+        self.eval_size_per_env, self.eval_seed = int(cfg["eval_size_per_env"]), int(cfg["eval_seed"])
+        self.max_prompt_tokens = int(cfg["max_prompt_tokens"])
+        self.length_bias = LengthBiasMonitor()
+        tok = tokenizers.load(cfg["tokenizer"])
+        self.tokenizer = tok  # _problem needs it before the Task fields are set
+        super().__init__(tok, self.sft_stream, self._eval_set(), self.max_prompt_tokens, int(cfg["max_new_tokens"]),
+                         reward=self.reward)
 
     # ------------------------------------------------------------------ problems
     def _problem(self, name: str, index: int, seed: int, target: str) -> Problem:
@@ -153,18 +159,18 @@ class Curriculum:
         seed_of = {n: seed * 1000 + i for i, n in enumerate(self.names)}
         return grain.MapDataset.mix([self._stream(n, seed_of[n], "solution") for n, _ in used], [x for _, x in used])
 
-    def iterator(self, seed: int):
+    def rl_iterator(self, seed: int):
         """The RL problems' iterator (``set_step``, ``get_state``/``set_state``)."""
         streams = [self._stream(n, seed * 1000 + i, "reference").to_iter_dataset() for i, n in enumerate(self.names)]
         return iter(ScheduledMix(streams, self.schedule, seed))
 
-    def eval_set(self) -> list[Problem]:
+    def begin_step(self, iterator, rl_step: int) -> None:
+        iterator.set_step(rl_step)  # this step's mixture weights
+
+    def _eval_set(self) -> list[Problem]:
         """``eval_size_per_env`` held-out problems of every environment (their own seed; strict)."""
         return [self._problem(n, i, self.eval_seed * 1000 + k, "eval")
                 for k, n in enumerate(self.names) for i in range(self.eval_size_per_env)]
-
-    def task(self) -> Task:
-        return Task(self.tokenizer, self.sft_stream, self.eval_set(), self.max_prompt_tokens, self.max_new_tokens)
 
     # ------------------------------------------------------------------ rewards and metrics
     def reward(self, prompt: str, completion: str, reference: str) -> float:
@@ -204,6 +210,13 @@ class Curriculum:
 
     def weights(self, step: int) -> dict[str, float]:
         return {f"curriculum/weight/{n}": float(w) for n, w in zip(self.names, self.schedule(step))}
+
+    def step_metrics(self, rl_step: int, problems, scores, lengths) -> dict[str, float]:
+        """The step's mixture weights, per-environment metrics and the reward/length bias monitor
+        (flags reward growing with length while "solved" does not)."""
+        scores = np.asarray(scores)
+        return {**self.weights(rl_step), **self.metrics(problems, scores, lengths),
+                **self.length_bias.update(scores, lengths, scores >= 1)}
 
     def metrics(self, problems, rewards, lengths) -> dict[str, float]:
         """Per-environment ``count``, ``reward_mean``, ``solved`` (reward >= 1: the verifier said

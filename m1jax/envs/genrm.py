@@ -141,7 +141,7 @@ class GenRMEnv(Environment):
 
     def __init__(self, data: str, judge: str, mode: str = "grade", judge_tokenizer: str | None = None,
                  judge_max_new_tokens: int = 16, judge_max_prompt_tokens: int = 1024, judge_batch_size: int = 16):
-        from m1jax import runs
+        from m1jax.checkpoints import runs
         from m1jax import tokenizer as tokenizers
 
         if mode not in ("grade", "pairwise"):

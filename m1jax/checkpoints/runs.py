@@ -1,9 +1,20 @@
-"""Reading a train.py run directory (local or gs://; the format: m1jax/checkpoint.py): its config and
-the model of its checkpoints.
+"""A train.py run directory (local or gs://): the format train.py writes, and reading its config and
+model back.
 
-``restore_model`` reads only the model item (not the optimizer states) onto one device or onto any
-mesh: the checkpoint does not remember the mesh it was saved from. ``save_model`` writes a model
-alone in the same layout (for notebooks and scripts; train.py also saves optimizer and data state).
+    workdir/config.json          the run's full config, written once everything is checked
+    workdir/checkpoints/<step>/  orbax checkpoints, items:
+                                   model, sft_opt, rl_opt  nnx.to_pure_dict(nnx.state(...))
+                                   meta                    JSON: data iterator states, the RL key, the
+                                                           SFT end step and pass@1, length schedule
+    workdir/metrics.jsonl        one line per logged step (and tb/: the same as TensorBoard events)
+    workdir/eval.json            held-out pass@1 after SFT and after RL
+    workdir/reward_curve.png
+
+A checkpoint holds everything a resumed run needs to continue bit for bit (``RunCheckpoints``):
+running the same command again restores the latest one. ``restore_model`` reads only the model item
+(not the optimizer states) onto one device or onto any mesh: the checkpoint does not remember the
+mesh it was saved from. ``save_model`` writes a model alone in the same layout (for notebooks and
+scripts).
 """
 
 from __future__ import annotations
@@ -19,8 +30,49 @@ from jax.sharding import Mesh
 
 from m1jax import sharding as shd
 from m1jax import storage
-from m1jax.checkpoint import CHECKPOINTS, CONFIG_FILE
 from m1jax.model import MiniMaxM1, ModelConfig
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+
+
+def _pure(obj):
+    return nnx.to_pure_dict(nnx.state(obj))
+
+
+class RunCheckpoints:
+    """The checkpoints of a train.py run: ``save(step, meta, model=..., sft_opt=..., ...)`` and
+    ``restore(model=..., ...)`` of the same nnx objects (in place) and a JSON ``meta``."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.mgr = ocp.CheckpointManager(storage.join(workdir, CHECKPOINTS),
+                                         options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+
+    def restore(self, **objects) -> tuple[int, dict] | None:
+        """(step, meta) of the latest checkpoint, its states written into ``objects``; None if the run
+        has no checkpoint yet."""
+        step = self.mgr.latest_step()
+        if step is None:
+            return None
+        items = {name: ocp.args.StandardRestore(_pure(obj)) for name, obj in objects.items()}
+        restored = self.mgr.restore(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonRestore()))
+        for name, obj in objects.items():
+            state = nnx.state(obj)
+            nnx.replace_by_pure_dict(state, restored[name])
+            nnx.update(obj, state)
+        return step, restored["meta"]
+
+    def save(self, step: int, meta: dict, **objects) -> None:
+        items = {name: ocp.args.StandardSave(_pure(obj)) for name, obj in objects.items()}
+        self.mgr.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
+
+    def wait(self) -> None:
+        self.mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mgr.close()
 
 
 def is_run_dir(path: str) -> bool:
@@ -84,13 +136,13 @@ def restore_model(workdir: str, *, step: int | None = None, mesh: Mesh | None = 
 
 def load_model(path: str, *, mesh: Mesh | None = None, **hf_overrides) -> MiniMaxM1:
     """The model at ``path``: the latest checkpoint of a train.py run (local or gs://), or a
-    transformers/original MiniMax checkpoint directory (``m1jax.hf.load``); with ``mesh``, every
+    transformers/original MiniMax checkpoint directory (``m1jax.checkpoints.hf.load``); with ``mesh``, every
     parameter is placed in its sharding as it is read."""
     if storage.is_remote(path) or is_run_dir(path):
         return restore_model(path, mesh=mesh)[0]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is neither a train.py run directory nor a MiniMax checkpoint directory.")
-    from m1jax import hf
+    from m1jax.checkpoints import hf
 
     return hf.load(path, mesh=mesh, **hf_overrides)
 

@@ -1,8 +1,8 @@
 """Export a train.py run's checkpoint as a Hugging Face (transformers) model directory.
 
-    python -m m1jax.export --workdir=runs/arith --out=exported/arith --tokenizer=arith [--step=N]
+    python -m m1jax.checkpoints.export --workdir=runs/arith --out=exported/arith --tokenizer=arith [--step=N]
 
-Writes config.json + model.safetensors (``m1jax.hf.save``: transformers' MiniMaxForCausalLM loads
+Writes config.json + model.safetensors (``m1jax.checkpoints.hf.save``: transformers' MiniMaxForCausalLM loads
 it), and with a tokenizer also tokenizer.json, tokenizer_config.json (special tokens, the
 MiniMax-M1 chat template) and generation_config.json (bos/eos/pad ids, so ``generate()`` stops at
 eos). The run directory may be local or gs://; the output directory is local.
@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from m1jax import hf, runs
+from m1jax.checkpoints import hf, runs
 from m1jax import tokenizer as tokenizers
 
 
@@ -45,7 +45,7 @@ def export(workdir: str, out: str, tokenizer: str | None = None, step: int | Non
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m m1jax.checkpoints.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="train.py run directory (local or gs://)")
     parser.add_argument("--out", required=True, help="output directory (local)")
     parser.add_argument("--tokenizer", default=None,

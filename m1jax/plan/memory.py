@@ -1,6 +1,6 @@
 """Per-device memory of a model on a mesh, from the abstract model and the sharding rules.
 
-    python -m m1jax.memory_plan --config=configs/minimax_m1.py --mesh=fsdp=64,expert=8 \
+    python -m m1jax.plan.memory --config=configs/minimax_m1.py --mesh=fsdp=64,expert=8 \
         --batch=64 --seq=8192
 
 Nothing is allocated: parameters come from ``nnx.eval_shape`` and each one's per-device size from
@@ -100,7 +100,7 @@ def plan(cfg: ModelConfig, mc: MeshConfig, batch: int, seq: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m m1jax.plan.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/minimax_m1.py")
     p.add_argument("--mesh", action="append", required=True, help="axis=size,...; repeat for several meshes")
     p.add_argument("--batch", type=int, default=None, help="global batch (sequences); default: data*fsdp*expert")

@@ -108,7 +108,7 @@ def suggestion(mc, program: str, state_bytes: float, hbm: float, cfg, topology: 
     return f"activations do not fit: a smaller {what} (per chip),{chunk} or {bigger_txt}"
 
 
-# Names of the programs' positional arguments (see m1jax.aot.lower_*); train's state is (model, optimizer).
+# Names of the programs' positional arguments (see m1jax.plan.aot.lower_*); train's state is (model, optimizer).
 ARG_NAMES = {
     "train": (("model", "optimizer"), "ids", "completion_mask", "old_logp", "advantages", "weights"),
     "prefill": ("model", "ids", "mask"),
@@ -130,7 +130,7 @@ def describe_args(program: str, args, top: int) -> list[str]:
     """Per-chip argument bytes by group (model, optimizer, cache, ...) and the ``top`` largest arguments."""
     import jax
 
-    from m1jax.aot import per_device_bytes
+    from m1jax.plan.aot import per_device_bytes
 
     rows = sorted(((per_device_bytes(x), _leaf_name(program, p), x) for p, x in jax.tree_util.tree_leaves_with_path(args)),
                   key=lambda r: -r[0])
@@ -167,14 +167,14 @@ def _report(c, hbm: float | None, cfg) -> bool:
 
 def auto_meshes(cfg, chips: int, batch: int, seq_len: int, hbm: float) -> list:
     """Candidate (estimate, MeshConfig) pairs for a train step of ``batch`` x ``seq_len`` tokens on
-    ``chips``, with the analytic per-chip estimate of ``m1jax.memory_plan.plan`` (parameters, gradients and AdamW moments
+    ``chips``, with the analytic per-chip estimate of ``m1jax.plan.memory.plan`` (parameters, gradients and AdamW moments
     exact; activations estimated), in the order to try: those estimated to fit ``hbm`` (with 10%
     for what the estimate leaves out) first, least sequence and tensor parallelism first (the axes
     that communicate inside a layer), then most expert parallelism (a chip keeps its experts'
     weights instead of gathering them over fsdp), then by estimate; then the rest by estimate.
     data = 1 (fsdp shards the state where data only copies it); expert divides the experts and
     tensor the heads, each up to 8; sequence divides the length; the batch axes divide the batch."""
-    from m1jax.memory_plan import plan as estimate
+    from m1jax.plan.memory import plan as estimate
     from m1jax.sharding import MeshConfig
 
     def divisors(n, limit):
@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # silences libtpu's host probing; compile-only
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
-    from m1jax import aot, cli
+    from m1jax import cli
+    from m1jax.plan import aot
     from m1jax.configs import load_config_file, model_config
     from m1jax.model.config import ConfigError, ModelConfig
     from m1jax.optim import OptimConfig
@@ -284,7 +285,7 @@ def _plan_mesh(a, cfg, optim, sampling, mc, mesh, shapes, programs, hbm):
     """Compile ``programs`` on one mesh and report each; returns (programs that do not fit, peaks)."""
     import jax
 
-    from m1jax import aot
+    from m1jax.plan import aot
     from m1jax.sharding import AXES
 
     dp = mc.data * mc.fsdp * mc.expert
