@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPORT_ALL = """
 import importlib, pkgutil, sys
 import m1jax, kernels_pallas
-names = [m.name for pkg in (m1jax, kernels_pallas) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+names = [m.name for pkg in (m1jax, kernels_pallas) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+         if not m.name.endswith(".__main__")]  # python -m entry points run their command when imported
 for name in names:
     importlib.import_module(name)
 try:
