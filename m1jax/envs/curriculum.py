@@ -125,11 +125,10 @@ class Curriculum(Task):
         self.schedule = Schedule(self.envs, sched["steps"], dict(sched["weights"]), sched.get("interpolation", "linear"))
         self.names = list(self.envs)
         self.eval_size_per_env, self.eval_seed = int(cfg["eval_size_per_env"]), int(cfg["eval_seed"])
-        self.max_prompt_tokens = int(cfg["max_prompt_tokens"])
         self.length_bias = LengthBiasMonitor()
         tok = tokenizers.load(cfg["tokenizer"])
-        self.tokenizer = tok  # _problem needs it before the Task fields are set
-        super().__init__(tok, self.sft_stream, self._eval_set(), self.max_prompt_tokens, int(cfg["max_new_tokens"]),
+        self.tokenizer, self.max_prompt_len = tok, int(cfg["max_prompt_tokens"])  # _eval_set needs them now
+        super().__init__(tok, self.sft_stream, self._eval_set(), self.max_prompt_len, int(cfg["max_new_tokens"]),
                          reward=self.reward)
 
     # ------------------------------------------------------------------ problems
@@ -139,9 +138,9 @@ class Curriculum(Task):
             ids = prompt_ids(self.tokenizer, ex.prompt)
         except ValueError as e:
             raise ValueError(f"environment {name!r}: {e} Pick a curriculum.tokenizer that covers its prompts.") from e
-        if len(ids) > self.max_prompt_tokens:
+        if len(ids) > self.max_prompt_len:
             raise ValueError(f"environment {name!r}: a prompt of {len(ids)} tokens exceeds "
-                             f"curriculum.max_prompt_tokens={self.max_prompt_tokens}; raise it. ({ex.prompt[:80]!r})")
+                             f"curriculum.max_prompt_tokens={self.max_prompt_len}; raise it. ({ex.prompt[:80]!r})")
         if target == "solution":
             if ex.solution is None:
                 raise ValueError(f"environment {name!r} has no known solutions, so it cannot be used for SFT: "
