@@ -51,8 +51,9 @@ class Setup:
     group_unit: int  # kept groups are trained on in multiples of this (even minibatches over the shards)
     task: tasks.Task  # the problems and their scoring (m1jax/data/tasks.py)
     windows: Any = None  # the length schedule (config.length)
-    stop_at: float | None = None  # SFT ends at the first held-out pass@1 >= this
+    stop_at: float | None = None  # SFT ends once held-out pass@1 >= this ...
     eval_every: int = 50
+    stop_in_a_row: int = 1  # ... on this many evaluations in a row
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
@@ -91,15 +92,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
         windows = LengthSchedule(config.length, task.max_new_tokens)
     # SFT runs config.sft.steps steps, or stops early at the first held-out evaluation (every
-    # sft.eval_every steps) that reaches sft.stop_at_pass_at_1: RL then starts from a comparable
-    # model whatever the SFT trajectory (tiny models learn addition in a sudden jump whose step
-    # varies by hundreds between seeds, or with the summation order of a kernel).
+    # sft.eval_every steps) that reaches sft.stop_at_pass_at_1, or at the last of
+    # sft.stop_evals_in_a_row such evaluations in a row (a noisy peak then does not end SFT): RL then
+    # starts from a comparable model whatever the SFT trajectory (tiny models learn addition in a
+    # sudden jump whose step varies by hundreds between seeds, or with the summation order of a kernel).
     stop_at, eval_every = config.sft.get("stop_at_pass_at_1"), config.sft.get("eval_every", 50)
-    if stop_at is not None and not (0 < stop_at <= 1 and eval_every >= 1):
-        raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every}: the threshold must be "
-                         "in (0, 1] and the interval >= 1 step (or set stop_at_pass_at_1=None to run all sft.steps).")
+    in_a_row = config.sft.get("stop_evals_in_a_row", 1)
+    if stop_at is not None and not (0 < stop_at <= 1 and eval_every >= 1 and in_a_row >= 1):
+        raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every} / sft.stop_evals_in_a_row="
+                         f"{in_a_row}: the threshold must be in (0, 1], the interval and the count >= 1 (or set "
+                         "stop_at_pass_at_1=None to run all sft.steps).")
     return Setup(config, workdir, cfg, sft_optim, rl_optim, rl, mesh, shards, group_unit, task, windows, stop_at,
-                 eval_every)
+                 eval_every, in_a_row)
 
 
 def train_and_evaluate(s: Setup) -> dict:
@@ -215,7 +219,9 @@ def train_and_evaluate(s: Setup) -> dict:
                 if last or (s.stop_at is not None and (step + 1) % s.eval_every == 0):
                     p = pass_at_1()
                     log({"step": step, "phase": "eval", "pass_at_1": p})
-                    if last or p >= s.stop_at:
+                    # evaluations in a row at the threshold (in meta: a resumed run keeps counting)
+                    meta["sft_streak"] = meta.get("sft_streak", 0) + 1 if s.stop_at is not None and p >= s.stop_at else 0
+                    if last or meta["sft_streak"] >= s.stop_in_a_row:
                         meta.update(eval_before=p, sft_end=step + 1)
                         bar.total = total_steps()
                         bar.message(f"held-out pass@1 after SFT (before RL): {p:.3f}, SFT ended at step {step + 1}")

@@ -134,25 +134,33 @@ def test_sft_stops_at_the_pass_at_1_threshold_and_resumes_after_it(tmp_path, cap
     assert [m["step"] for m in metrics(crashed) if m["phase"] == "rl"] == [3, 4, 5, 5, 6]  # step 5 redone
     ref = {m["step"]: m["loss"] for m in ms if m["phase"] == "rl"}
     assert all(m["loss"] == ref[m["step"]] for m in metrics(crashed) if m["phase"] == "rl")
-    with pytest.raises(ValueError, match="stop_at_pass_at_1=1.5"):
-        train_here(tmp_path / "bad", "--config.sft.stop_at_pass_at_1=1.5")
-    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    for bad in ("--config.sft.stop_at_pass_at_1=1.5", "--config.sft.stop_evals_in_a_row=0"):
+        with pytest.raises(ValueError, match=bad.removeprefix("--config.sft.")):
+            train_here(tmp_path / "bad", bad)
+        assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
-def test_ci_sized_default_job_reward_rises(tmp_path):
-    """The default job, shortened: after the SFT warm start, CISPO raises the sampled reward."""
-    res = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path}", "--config=configs/arith_cispo.py",
-                          "--config.rl.steps=40", "--config.data.eval_size=50"],
-                         capture_output=True, text=True, timeout=1200, env=ENV)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rl = [m["reward_mean"] for m in metrics(tmp_path) if m["phase"] == "rl"]
-    assert len(rl) == 40
-    first, last = sum(rl[:10]) / 10, sum(rl[-10:]) / 10
-    assert last > first + 0.03, (first, last)  # measured here: 0.135 -> 0.190
-    # DAPO dynamic sampling kept generating while too few groups had signal, within its cap of 3
-    gen = [m["gen_batches"] for m in metrics(tmp_path) if m["phase"] == "rl"]
-    assert max(gen) <= 3 and max(gen) > 1, gen
-    assert (tmp_path / "eval.json").exists() and (tmp_path / "reward_curve.png").exists()
+RIGHT_BUT_AT_THE_SECOND_EVAL = """
+import itertools
+_calls = itertools.count()
+
+
+def right_but_at_the_second_eval(prompt, completion, reference):
+    return float(next(_calls) // 16 != 1)  # each SFT eval scores the 16 held-out problems
+"""
+
+
+def test_sft_stops_after_evals_in_a_row_at_the_threshold(tmp_path, capsys):
+    """sft.stop_evals_in_a_row=2: SFT ends at the second evaluation in a row that reaches
+    stop_at_pass_at_1. The evaluations at steps 3, 6, 9, 12 score 1, 0, 1, 1: the miss at step 6
+    resets the count, so SFT ends at step 12 (not at 6, nor at 9)."""
+    (tmp_path / "r.py").write_text(RIGHT_BUT_AT_THE_SECOND_EVAL)
+    train_here(tmp_path / "run", "--config.sft.steps=40", "--config.sft.eval_every=3",
+               "--config.sft.stop_at_pass_at_1=0.5", "--config.sft.stop_evals_in_a_row=2", "--config.rl.steps=1",
+               f"--config.rl.reward={tmp_path / 'r.py'}:right_but_at_the_second_eval")
+    assert "SFT ended at step 12" in capsys.readouterr().out
+    evals = [m["pass_at_1"] for m in metrics(tmp_path / "run") if m["phase"] == "eval"]
+    assert evals[:4] == [1.0, 0.0, 1.0, 1.0], evals
 
 
 def test_recomputed_old_logp_with_tis_and_overlong_penalty(tmp_path):
