@@ -247,3 +247,20 @@ def test_model_with_pallas_kernel_matches_xla_on_gpu():
     np.testing.assert_allclose(lp, lx, atol=1e-4 * np.abs(lx).max())
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * (np.abs(b).max() + 1e-12))
+
+
+def test_lm_head_computes_in_float32_under_bfloat16_activations():
+    """lm_head_fp32: bf16 hidden states times the float32 head in float32 (the paper's fix for the
+    train/inference probability mismatch), equal to a float64 product to float32 rounding; the bf16
+    product (lm_head_fp32=False) is off by ~1e-2 relative, so the test tells the two apart."""
+    h = jax.random.normal(jax.random.key(0), (2, 3, 32), jnp.bfloat16)
+
+    def head_error(fp32):
+        model = MiniMaxM1(small_config(dtype="bfloat16", lm_head_fp32=fp32), rngs=nnx.Rngs(0))
+        got = model.logits(h)
+        assert got.dtype == jnp.float32
+        ref = np.asarray(h, np.float64) @ np.asarray(model.lm_head[...], np.float64)
+        return np.abs(np.asarray(got, np.float64) - ref).max() / ref.std()
+
+    assert head_error(True) < 1e-6
+    assert head_error(False) > 1e-4
