@@ -34,6 +34,10 @@ def get_config():
         # adds the truncated sampler correction as a separate detached factor).
         old_logp="sampler", tis_cap=ml_collections.config_dict.placeholder(float),
         overlong_cache_len=0,  # > 0: DAPO soft overlong penalty over the last this many tokens
+        # early truncation: after repetition_window tokens in a row each sampled with p > repetition_prob
+        # (None: the config's sampling.repetition_*, the model's; none here: off)
+        repetition_window=ml_collections.config_dict.placeholder(int),
+        repetition_prob=ml_collections.config_dict.placeholder(float),
     ))
     c.rl_optim = ml_collections.ConfigDict(dict(learning_rate=1.5e-4, warmup_steps=0, weight_decay=0.0,
                                                 max_grad_norm=1.0))

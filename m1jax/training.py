@@ -50,6 +50,7 @@ class Setup:
     shards: int  # the mesh's batch shards
     group_unit: int  # kept groups are trained on in multiples of this (even minibatches over the shards)
     task: tasks.Task  # the problems and their scoring (m1jax/data/tasks.py)
+    sampling: SamplingParams | None = None  # RL rollouts' (rl.temperature, early truncation)
     windows: Any = None  # the length schedule (config.length)
     stop_at: float | None = None  # SFT ends once held-out pass@1 >= this ...
     eval_every: int = 50
@@ -87,6 +88,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     if cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens: "
                          f"set --config.model.vocab_size={tok.vocab_size}.")
+    # RL samples at rl.temperature, truncated early by repetition as rl.repetition_* (default: the
+    # config's sampling section, i.e. the model's: on in configs/minimax_m1_rl.py, off in the toys).
+    default = config.get("sampling") or {}
+    sampling = SamplingParams(
+        temperature=rl.temperature, max_new_tokens=task.max_new_tokens, stop_token_ids=(tok.eos_id,),
+        repetition_window=default.get("repetition_window", 0) if rl.repetition_window is None else rl.repetition_window,
+        repetition_prob=default.get("repetition_prob", 0.99) if rl.repetition_prob is None else rl.repetition_prob)
     if config.get("length") is not None:
         from m1jax.envs.length import LengthSchedule
 
@@ -102,8 +110,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every} / sft.stop_evals_in_a_row="
                          f"{in_a_row}: the threshold must be in (0, 1], the interval and the count >= 1 (or set "
                          "stop_at_pass_at_1=None to run all sft.steps).")
-    return Setup(config, workdir, cfg, sft_optim, rl_optim, rl, mesh, shards, group_unit, task, windows, stop_at,
-                 eval_every, in_a_row)
+    return Setup(config, workdir, cfg, sft_optim, rl_optim, rl, mesh, shards, group_unit, task, sampling, windows,
+                 stop_at, eval_every, in_a_row)
 
 
 def train_and_evaluate(s: Setup) -> dict:
@@ -131,8 +139,6 @@ def train_and_evaluate(s: Setup) -> dict:
     engine, slots = ro.get("engine", "continuous"), ro.get("slots", 0)
     kv_dtype = ro.get("kv_dtype") or None  # the sampler's softmax-layer KV caches (None: the compute dtype)
     greedy = SamplingParams(greedy=True, max_new_tokens=task.max_new_tokens, stop_token_ids=(tok.eos_id,))
-    sampling = SamplingParams(temperature=rl.temperature, max_new_tokens=task.max_new_tokens,
-                              stop_token_ids=(tok.eos_id,))
 
     def sample(probs, params, num_samples=1, key=None, max_new_tokens=None):
         """Completions of problems: on the slot engine (fresh slots each call, prompt width
@@ -165,7 +171,7 @@ def train_and_evaluate(s: Setup) -> dict:
         """Held-out greedy pass@1: a completion passes when its reward is > 0."""
         return float(np.mean(np.asarray(score(task.eval_set, sample(task.eval_set, greedy), 1).scores) > 0))
 
-    learner = RLLearner(model, rl_opt, rl, sample=lambda probs, n, key, window: sample(probs, sampling, n, key, window),
+    learner = RLLearner(model, rl_opt, rl, sample=lambda probs, n, key, window: sample(probs, s.sampling, n, key, window),
                         score=score, problems=rl_it, width=width, max_new_tokens=task.max_new_tokens,
                         pad_id=tok.pad_id, key=jax.random.key(config.seed), group_unit=s.group_unit, windows=windows,
                         guard=guard, fetch=fetch)

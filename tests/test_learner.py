@@ -11,11 +11,13 @@ from m1jax.data.problem import Problem
 from m1jax.data.rewards import ScoreReport
 from m1jax.model.config import ConfigError
 from m1jax.rl import RLConfig, RLLearner
+from m1jax.rollout.engine import REPETITION, STOP
 
 
 def scripted(rewards_per_batch, lengths=None, m=3):
     """A sampler and a reward: generation batch b of P problems x G samples scores rewards_per_batch[b]
-    ([P, G]) and has completions of ``lengths`` tokens (default: all m)."""
+    ([P, G]) and has completions of ``lengths`` tokens (default: all m); every 4th sample of a batch
+    ends by repetition, the others at a stop token."""
     calls = {"sample": [], "batch": 0}
 
     def sample(probs, g, key, window):
@@ -23,7 +25,8 @@ def scripted(rewards_per_batch, lengths=None, m=3):
         n = len(probs) * g
         ln = np.full(n, m) if lengths is None else np.asarray(lengths[calls["batch"]])
         tokens = np.arange(n * m).reshape(n, m) % 7 + 3
-        return types.SimpleNamespace(tokens=tokens, logprobs=-np.ones((n, m), np.float32) / 10, lengths=ln)
+        return types.SimpleNamespace(tokens=tokens, logprobs=-np.ones((n, m), np.float32) / 10, lengths=ln,
+                                     finish_reason=np.where(np.arange(n) % 4 == 0, REPETITION, STOP))
 
     def score(probs, r, g):
         scores = np.asarray(rewards_per_batch[calls["batch"]], float).reshape(-1)
@@ -46,6 +49,7 @@ def test_dynamic_sampling_keeps_groups_with_signal_until_enough():
     out = learner(cfg, sample, score).collect()
     assert out.metrics["gen_batches"] == 2 and out.metrics["groups_kept"] == 2
     assert out.metrics["reward_failures"] == 2  # one error counted per scoring call
+    assert out.metrics["repetition_frac"] == 2 / 8  # of every sampled row, kept or not
     assert out.metrics["reward_mean"] == pytest.approx(4 / 8) and out.metrics["pass_rate"] == pytest.approx(4 / 8)
     assert out.rewards.shape == (4, 2) and len(out.problems) == 4 and out.lengths.shape == (8,)
     np.testing.assert_allclose(out.advantages, [-1, 1, 1, -1], atol=1e-5)  # population std per group
@@ -85,6 +89,8 @@ def test_overlong_penalty_uses_the_window_and_each_batch_gets_a_fresh_key():
     (dict(tis_cap=2.0), "count twice"),
     (dict(loss="ppo"), "rl.loss='ppo'"),
     (dict(minibatches=3), "must divide rl.prompts_per_step=32"),
+    (dict(repetition_window=-1), "rl.repetition_window=-1"),
+    (dict(repetition_prob=1.0), "rl.repetition_prob=1.0"),
     (dict(samples_per_prompt=0), "rl.samples_per_prompt=0"),
     (dict(old_logp="new"), "rl.old_logp='new'"),
 ])

@@ -125,6 +125,7 @@ def test_sft_stops_at_the_pass_at_1_threshold_and_resumes_after_it(tmp_path, cap
     ms = metrics(full)
     assert [m["step"] for m in ms if m["phase"] == "sft"] == [0, 1, 2]
     assert [m["step"] for m in ms if m["phase"] == "rl"] == [3, 4, 5, 6]
+    assert all(m["repetition_frac"] == 0 for m in ms if m["phase"] == "rl")  # no early truncation in the toy
     assert json.loads((full / "eval.json").read_text())["pass_at_1_before_rl"] == 1.0
     with pytest.raises(SystemExit, match="simulated crash"):
         train_here(crashed, *args, "--config.crash_after_step=6")  # checkpoint after 5 steps, crash after 6
@@ -161,6 +162,19 @@ def test_sft_stops_after_evals_in_a_row_at_the_threshold(tmp_path, capsys):
     assert "SFT ended at step 12" in capsys.readouterr().out
     evals = [m["pass_at_1"] for m in metrics(tmp_path / "run") if m["phase"] == "eval"]
     assert evals[:4] == [1.0, 0.0, 1.0, 1.0], evals
+
+
+def test_rl_rollouts_are_truncated_early_by_repetition(tmp_path):
+    """rl.repetition_window / rl.repetition_prob reach the RL sampler: with a probability bound every
+    token passes (1e-9), every sample that has not stopped by its 2nd token ends there by repetition."""
+    train_here(tmp_path, "--config.sft.steps=2", "--config.rl.steps=2", "--config.rl.repetition_window=2",
+               "--config.rl.repetition_prob=1e-9")
+    rl = [m for m in metrics(tmp_path) if m["phase"] == "rl"]
+    assert len(rl) == 2
+    for m in rl:
+        assert m["repetition_frac"] > 0.5 and m["response_len_p99"] <= 2, m
+    with pytest.raises(ValueError, match="rl.repetition_prob=1.5"):
+        train_here(tmp_path / "bad", "--config.rl.repetition_prob=1.5")
 
 
 def test_recomputed_old_logp_with_tis_and_overlong_penalty(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 from m1jax.model.config import ConfigError, dataclass_from_dict
 from m1jax.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
 from m1jax.rl.batch import RLBatch, rollout_batch
+from m1jax.rollout.engine import REPETITION
 from m1jax.rl.cispo import PRESETS, LossConfig, token_weights
 from m1jax.rl.steps import cispo_step, policy_stats
 
@@ -44,6 +45,11 @@ class RLConfig:
     old_logp: str = "sampler"
     tis_cap: float | None = None
     overlong_cache_len: int = 0  # > 0: DAPO soft overlong penalty over the last this many tokens
+    # Early truncation of RL samples (paper §3.2): a sample ends after repetition_window consecutive
+    # tokens each sampled with probability > repetition_prob (0: off). None: the config's
+    # sampling.repetition_window / repetition_prob (the model config's; configs/minimax_m1.py: 3000 / 0.99).
+    repetition_window: int | None = None
+    repetition_prob: float | None = None
 
     def __post_init__(self):
         if self.loss not in PRESETS:
@@ -63,6 +69,10 @@ class RLConfig:
                               f"{self.prompts_per_step}.")
         if self.overlong_cache_len < 0:
             raise ConfigError(f"rl.overlong_cache_len={self.overlong_cache_len}: must be >= 0.")
+        if self.repetition_window is not None and self.repetition_window < 0:
+            raise ConfigError(f"rl.repetition_window={self.repetition_window}: must be >= 0 (0: no truncation).")
+        if self.repetition_prob is not None and not 0 < self.repetition_prob < 1:
+            raise ConfigError(f"rl.repetition_prob={self.repetition_prob}: must be in (0, 1).")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RLConfig":
@@ -123,13 +133,14 @@ class RLLearner:
         cfg, g = self.cfg, self.cfg.samples_per_prompt
         problems, lengths, all_rewards = [], [], []
         kept_prompts, kept_tokens, kept_logp, kept_len, kept_rewards = [], [], [], [], []
-        n_gen = n_failures = 0
+        n_gen = n_failures = n_repetition = 0
         while len(kept_rewards) < cfg.prompts_per_step and n_gen < cfg.max_gen_batches:
             probs = [next(self.problems) for _ in range(cfg.prompts_per_step)]
             self.key, sub = jax.random.split(self.key)
             r = self.sample(probs, g, sub, window)
             problems += probs
             lengths.append(r.lengths)
+            n_repetition += int(np.sum(np.asarray(r.finish_reason) == REPETITION))
             report = self.score(probs, r, g)
             n_failures += report.errors + report.timeouts
             scores = np.asarray(report.scores).reshape(len(probs), g)
@@ -149,7 +160,8 @@ class RLLearner:
             n_gen += 1
         rewards = np.concatenate(all_rewards)
         metrics = {"reward_mean": rewards.mean(), "pass_rate": (rewards > 0).mean(), "groups_kept": len(kept_rewards),
-                   "gen_batches": n_gen, "reward_failures": n_failures}
+                   "gen_batches": n_gen, "reward_failures": n_failures,
+                   "repetition_frac": n_repetition / rewards.size}  # samples ended by early truncation
         n = min(len(kept_rewards), cfg.prompts_per_step) // self.group_unit * self.group_unit
         out = Collected(metrics, problems, rewards, np.concatenate(lengths), None, None)
         if n:
