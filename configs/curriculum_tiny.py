@@ -27,8 +27,9 @@ def get_config():
         schedule=dict(steps=(0, 4), weights=dict(sort=(1.0, 0.5), boolean=(0.0, 0.5)), interpolation="linear"),
         tokenizer="chars:" + CHARS, max_prompt_tokens=72, max_new_tokens=24, eval_size_per_env=16, eval_seed=777,
     ))
+    # the longer window clips gradients harder and caps CISPO's IS weight lower (the paper's late-stage fix)
     c.length = ml_collections.ConfigDict(dict(windows=(16, 24), advance_at=(3,), p99_frac=0.9, ppl_window=3,
-                                              ppl_tol=0.05))
+                                              ppl_tol=0.05, max_grad_norm=(1.0, 0.5), is_weight_max=(5.0, 3.0)))
     c.sft.steps, c.sft.batch_size = 60, 32
     c.rl.steps, c.rl.prompts_per_step, c.rl.samples_per_prompt = 8, 8, 4
     c.checkpoint.every = 4

@@ -99,6 +99,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         from m1jax.envs.length import LengthSchedule
 
         windows = LengthSchedule(config.length, task.max_new_tokens)
+        stage_clip = windows.per_stage.get("max_grad_norm", ())
+        if stage_clip and rl_optim.max_grad_norm > 0 and max(stage_clip) > rl_optim.max_grad_norm:
+            raise ValueError(f"length.max_grad_norm={stage_clip}: above rl_optim.max_grad_norm="
+                             f"{rl_optim.max_grad_norm}, which clips after it (a stage can only lower the clip): "
+                             "lower the stage values or raise rl_optim.max_grad_norm.")
+        if "is_weight_max" in windows.per_stage and rl.loss != "cispo":
+            raise ValueError(f"length.is_weight_max is CISPO's IS-weight cap; rl.loss={rl.loss!r} has none: "
+                             "remove it or use rl.loss='cispo'.")
     # SFT runs config.sft.steps steps, or stops early at the first held-out evaluation (every
     # sft.eval_every steps) that reaches sft.stop_at_pass_at_1, or at the last of
     # sft.stop_evals_in_a_row such evaluations in a row (a noisy peak then does not end SFT): RL then

@@ -101,6 +101,24 @@ def test_length_advances_on_both_signals_or_at_the_configured_step():
         _length(advance_at=(None,))
 
 
+def test_length_stages_carry_their_clip_and_is_weight_cap():
+    ls = _length(max_grad_norm=(1.0, 0.5, 0.25), is_weight_max=(5.0, 4.0, 3.0))
+    assert ls.overrides() == {"max_grad_norm": 1.0, "is_weight_max": 5.0}
+    ls.restore({"stage": 2, "ppl_history": []})
+    assert ls.overrides() == {"max_grad_norm": 0.25, "is_weight_max": 3.0}
+    assert _length().overrides() == {}
+    with pytest.raises(ValueError, match="one value > 0 per window"):
+        _length(max_grad_norm=(1.0, 0.5))
+    # training refuses a stage clip the optimizer's own clip (after it) would override
+    from m1jax import training
+    from m1jax.configs import load_config_file
+
+    config = load_config_file("configs/curriculum_tiny.py")
+    config.length.max_grad_norm = (1.0, 2.0)
+    with pytest.raises(ValueError, match="a stage can only lower the clip"):
+        training.setup(config, "unused")
+
+
 def test_ci_sized_curriculum_run_changes_weights_and_window(tmp_path):
     """train.py with two environments and two windows: metrics.jsonl shows both changing."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
@@ -115,6 +133,9 @@ def test_ci_sized_curriculum_run_changes_weights_and_window(tmp_path):
     assert len(rl) == 5
     np.testing.assert_allclose([m["curriculum/weight/boolean"] for m in rl], [0.0, 0.125, 0.25, 0.375, 0.5])
     assert [m["length/window"] for m in rl] == [16, 16, 16, 24, 24]
+    # the stage of each step's samples sets its clip and IS-weight cap (configs/curriculum_tiny.py)
+    assert [m["length/max_grad_norm"] for m in rl] == [1.0, 1.0, 1.0, 0.5, 0.5]
+    assert [m["length/is_weight_max"] for m in rl] == [5.0, 5.0, 5.0, 3.0, 3.0]
     assert rl[2]["length/advanced"] == 1.0 and rl[2]["length/advance_forced"] == 1.0
     assert all("length/gen_ppl" in m and "length/p99_frac_of_window" in m for m in rl)
     assert rl[0]["env/boolean/count"] == 0 and rl[-1]["env/boolean/count"] > 0

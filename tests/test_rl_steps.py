@@ -4,6 +4,7 @@ skipping of non-finite updates."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -65,3 +66,25 @@ def test_non_finite_updates_are_skipped():
     assert bool(m["finite"])  # a finite step after it does update
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), _params(model), before)
     assert any(jax.tree.leaves(changed))
+
+
+def test_a_stage_clip_bounds_the_gradient_before_the_optimizer():
+    """cispo_step(max_grad_norm=c): under SGD(lr 1) the parameter change is the gradient clipped to
+    global norm c (and the unclipped gradient when c is above its norm)."""
+    ids = jnp.asarray([[1, 5, 6, 7, 8, 9], [1, 8, 9, 10, 11, 0]])
+    comp = jnp.zeros((2, 5), bool).at[:, 2:].set(True)
+    w, adv, zeros = token_weights(comp), jnp.asarray([1.0, -1.0]), jnp.zeros((2, 5))
+
+    def change_norm(max_grad_norm):
+        model = MiniMaxM1(CFG, rngs=nnx.Rngs(1))
+        opt = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+        before = _params(model)
+        m = cispo_step(model, opt, ids, comp, zeros, adv, w, PRESETS["cispo"], zeros,
+                       max_grad_norm=None if max_grad_norm is None else jnp.float32(max_grad_norm))
+        delta = jax.tree.map(lambda a, b: np.sum((a.astype(np.float64) - b) ** 2), _params(model), before)
+        return float(np.sqrt(sum(jax.tree.leaves(delta)))), float(m["grad_norm"])
+
+    free, gnorm = change_norm(None)
+    assert free == pytest.approx(gnorm, rel=1e-4) and gnorm > 0.1
+    assert change_norm(gnorm / 4)[0] == pytest.approx(gnorm / 4, rel=1e-4)
+    assert change_norm(gnorm * 4)[0] == pytest.approx(gnorm, rel=1e-4)

@@ -3,7 +3,8 @@
 Config section (``config.length``)::
 
     length = dict(windows=(16, 32), advance_at=(None,),    # step to force each advance, or None
-                  p99_frac=0.9, ppl_window=4, ppl_tol=0.02)
+                  p99_frac=0.9, ppl_window=4, ppl_tol=0.02,
+                  max_grad_norm=(1.0, 0.5), is_weight_max=(5.0, 3.0))  # optional: per window
 
 The paper's windows are 40K -> 48K -> 56K -> 64K -> 72K -> 80K; it moves on "when generation
 perplexity converges and the 99th percentile of output lengths approaches the window". Here, after
@@ -16,6 +17,11 @@ each RL step, the window advances when
 or unconditionally at step ``advance_at[i]`` (for advance i, if given). Both signals are returned
 for logging every step, with the window this step used and, on the step that advances it, whether
 the advance was forced by the configured step (``length/advance_forced``).
+
+Each window is its stage's generation limit; the optional per-window ``max_grad_norm`` (a gradient
+clip applied before the optimizer's, so at most rl_optim.max_grad_norm) and ``is_weight_max`` (CISPO's
+IS-weight cap) are the paper's fixes for late-stage pattern collapse (lower both as responses grow).
+The learner applies the stage of each step's samples and logs the values as length/<key>.
 """
 
 from __future__ import annotations
@@ -25,14 +31,16 @@ from typing import Any, Mapping
 import numpy as np
 
 _KEYS = {"windows", "advance_at", "p99_frac", "ppl_window", "ppl_tol"}
+STAGE_KEYS = ("max_grad_norm", "is_weight_max")  # optional, one value per window
 
 
 class LengthSchedule:
     def __init__(self, cfg: Mapping[str, Any], max_new_tokens: int):
         cfg = dict(cfg)
-        missing, unknown = sorted(_KEYS - set(cfg)), sorted(set(cfg) - _KEYS)
+        missing, unknown = sorted(_KEYS - set(cfg)), sorted(set(cfg) - _KEYS - set(STAGE_KEYS))
         if missing or unknown:
-            raise ValueError(f"length: missing keys {missing}, unknown keys {unknown}; it takes {sorted(_KEYS)}.")
+            raise ValueError(f"length: missing keys {missing}, unknown keys {unknown}; it takes {sorted(_KEYS)} "
+                             f"and optionally {list(STAGE_KEYS)}.")
         self.windows = [int(w) for w in cfg["windows"]]
         self.advance_at = [None if s is None else int(s) for s in cfg["advance_at"]]
         if not self.windows or any(b <= a for a, b in zip(self.windows, self.windows[1:])) or self.windows[0] < 1:
@@ -46,11 +54,20 @@ class LengthSchedule:
         self.p99_frac, self.ppl_window, self.ppl_tol = float(cfg["p99_frac"]), int(cfg["ppl_window"]), float(cfg["ppl_tol"])
         if not 0 < self.p99_frac <= 1 or self.ppl_window < 2 or self.ppl_tol <= 0:
             raise ValueError("length: p99_frac must be in (0, 1], ppl_window >= 2, ppl_tol > 0.")
+        self.per_stage = {k: tuple(float(v) for v in cfg[k]) for k in STAGE_KEYS if cfg.get(k) is not None}
+        for key, values in self.per_stage.items():
+            if len(values) != len(self.windows) or min(values) <= 0:
+                raise ValueError(f"length.{key}={values}: one value > 0 per window ({len(self.windows)} for "
+                                 f"windows {self.windows}), or None for no per-stage value.")
         self.stage, self.ppl_history = 0, []
 
     @property
     def window(self) -> int:
         return self.windows[self.stage]
+
+    def overrides(self) -> dict[str, float]:
+        """This stage's settings (of STAGE_KEYS, those configured)."""
+        return {key: values[self.stage] for key, values in self.per_stage.items()}
 
     def update(self, step: int, lengths, sampled_logprobs) -> dict[str, Any]:
         """After RL step ``step``: record this step's response lengths and the sampler log-probs of the

@@ -186,6 +186,13 @@ class RLLearner:
         old = sampler_lp
         if cfg.old_logp == "recomputed":  # pi_old = the trainer's own forward before the updates
             old = np.where(comp, lp_now, 0.0).astype(np.float32)
+        # The length stage these samples were generated in: its clip and IS-weight cap (m1jax/envs/length.py)
+        stage = self.windows.overrides() if self.windows else {}
+        loss_cfg = self.loss_cfg
+        if "is_weight_max" in stage:
+            loss_cfg = dataclasses.replace(loss_cfg, is_weight_max=stage["is_weight_max"])
+        clip = jnp.float32(stage["max_grad_norm"]) if "max_grad_norm" in stage else None
+        rec.update({f"length/{k}": v for k, v in stage.items()})
         rec["response_len_p50"] = float(np.percentile(lengths, 50))
         rec["response_len_p99"] = float(np.percentile(lengths, 99))
         if self.windows:  # p99 length and generation perplexity of this step; may advance the window
@@ -198,8 +205,9 @@ class RLLearner:
                 w = token_weights(jnp.asarray(comp[rows]), jnp.asarray(np.unique(groups[rows], return_inverse=True)[1]),
                                   self.loss_cfg.aggregation)
                 m = self.fetch(cispo_step(self.model, self.optimizer, jnp.asarray(ids[rows]), jnp.asarray(comp[rows]),
-                                          jnp.asarray(old[rows]), jnp.asarray(adv[rows]), w, self.loss_cfg,
-                                          jnp.asarray(sampler_lp[rows]), temperature=cfg.temperature))
+                                          jnp.asarray(old[rows]), jnp.asarray(adv[rows]), w, loss_cfg,
+                                          jnp.asarray(sampler_lp[rows]), temperature=cfg.temperature,
+                                          max_grad_norm=clip))
                 self.guard(m["finite"], step)
                 ratios.append(m.pop("ratio")[comp[rows]])
                 updates.append(m)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -31,12 +32,14 @@ def sft_step(model, optimizer, ids, loss_mask):
 
 @nnx.jit(static_argnames=("cfg", "temperature"))
 def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, cfg: LossConfig,
-               sampler_logp=None, temperature: float = 1.0):
+               sampler_logp=None, temperature: float = 1.0, max_grad_norm=None):
     """One CISPO update on a minibatch. ids [B, T] (prompt + completion); comp_mask [B, T-1] marks
     completion targets; old_logp [B, T-1] (pi_old at those targets); weights [B, T-1] from
     token_weights over the whole optimizer batch; sampler_logp [B, T-1] feeds the optional truncated
     IS factor (cfg.tis_cap) when old_logp was recomputed by the trainer. The policy is pi_T, the
-    sampling temperature's distribution. Returns scalar metrics and "ratio" [B, T-1] (r per token)."""
+    sampling temperature's distribution. max_grad_norm (a scalar array, optional): the gradient is
+    clipped to this global norm before the optimizer (a length stage's clip; the optimizer's own clip
+    comes after). Returns scalar metrics (grad_norm before clipping) and "ratio" [B, T-1] (r per token)."""
     chex.assert_rank(ids, 2)
     targets = (ids.shape[0], ids.shape[1] - 1)
     chex.assert_shape([comp_mask, old_logp, weights] + ([] if sampler_logp is None else [sampler_logp]), targets)
@@ -51,6 +54,8 @@ def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, 
     (loss, (metrics, nll)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    if max_grad_norm is not None:  # as optax.clip_by_global_norm
+        grads = jax.tree.map(lambda g: jnp.where(gnorm < max_grad_norm, g, g / gnorm * max_grad_norm), grads)
     optimizer.update(model, grads)  # the optax chain skips non-finite updates (optax.apply_if_finite)
     constrain_state(model)
     return {"loss": loss, "grad_norm": gnorm, "finite": finite, "nll": nll, **metrics}
