@@ -1,6 +1,7 @@
 """SFT warm start, then CISPO reinforcement learning, with metrics and resumable checkpoints.
 
     python train.py --config=configs/arith_cispo.py --workdir=runs/arith
+    python train.py --config=configs/minimax_m1_rl.py ... --dry_run   # check a run, compile nothing
 
 Writes workdir/metrics.jsonl (one line per step), workdir/eval.json (held-out pass@1 after SFT,
 i.e. before RL, and after RL), workdir/reward_curve.png, and orbax checkpoints in
@@ -21,6 +22,8 @@ _CONFIG = cli.define_config("train.py", "config", _DEFAULT_CONFIG, "config file"
 _WORKDIR = flags.DEFINE_string("workdir", "runs/arith", "output directory (checkpoints, metrics)")
 _PROCESS_FLAGS = distributed.define_flags()  # multi-host: the same command on every host
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the resolved config (file + overrides) and exit")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "check the config, data, mesh and checkpoint, print the per-device "
+                             "memory of the abstract model, and exit (nothing compiled or written)")
 
 
 def main(argv):
@@ -36,6 +39,9 @@ def main(argv):
     # Everything is checked before anything compiles or is written: a mistake is one line, exit code 2.
     with cli.user_errors("train.py"):
         setup = training.setup(_CONFIG.value, _WORKDIR.value)
+    if _DRY_RUN.value:
+        training.dry_run(setup)
+        return 0
     training.train_and_evaluate(setup)
 
 

@@ -11,6 +11,7 @@ from m1jax.data.arith import VOCAB_SIZE
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.init_from = ml_collections.config_dict.placeholder(str)  # start from a MiniMax checkpoint directory
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=VOCAB_SIZE, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
         layer_types=("linear_attention",) * 3 + ("full_attention",), num_experts=4, num_experts_per_tok=2,

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -62,6 +63,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     anything compiles or is written; every mistake raises ValueError or FileNotFoundError naming it."""
     storage.check_bucket(workdir)  # a gs:// workdir's bucket must exist
     cfg = model_config(config)
+    if config.get("init_from"):
+        cfg = init_config(config.init_from, cfg)
     sft_optim = OptimConfig.from_dict(config.sft_optim.to_dict(), "sft_optim")
     rl_optim = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim")
     rl = RLConfig.from_dict(config.rl.to_dict())
@@ -122,6 +125,57 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                  stop_at, eval_every, in_a_row)
 
 
+# What a checkpoint's config.json fixes (the weights' shapes); init_from refuses a config.model
+# that differs in one of them. Its conventions (residual alphas, RoPE, decay) come from the checkpoint.
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "layer_types",
+                "num_experts", "num_experts_per_tok", "intermediate_size")
+# How the model computes, not what it is: these come from config.model.
+RUNTIME = ("dtype", "param_dtype", "lm_head_fp32", "lightning_impl", "pallas_backend", "moe_impl", "moe_chunk",
+           "moe_capacity_factor", "attention_chunk", "block_size", "scan_layers", "remat", "remat_layers",
+           "router_aux_loss_coef")
+
+
+def init_config(path: str, cfg: ModelConfig) -> ModelConfig:
+    """The model config of a run that starts from checkpoint ``path`` (transformers or original
+    MiniMax format): the checkpoint's, with ``cfg``'s RUNTIME fields; its ARCHITECTURE must be cfg's."""
+    from m1jax.checkpoints import hf
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"init_from={path}: no such directory (a MiniMax checkpoint: config.json + "
+                                "*.safetensors, e.g. from m1jax.checkpoints.export or Hugging Face).")
+    ckpt = hf.read_config(path)
+    for key in ARCHITECTURE:
+        if getattr(ckpt, key) != getattr(cfg, key):
+            raise ValueError(f"init_from={path}: its config.json has {key}={getattr(ckpt, key)!r}, the config's "
+                             f"model.{key}={getattr(cfg, key)!r}: set --config.model.{key} to match (or use the "
+                             "checkpoint the config describes).")
+    return ckpt.replace(**{key: getattr(cfg, key) for key in RUNTIME})
+
+
+def dry_run(s: Setup) -> dict:
+    """What a checked run would hold per device, from the abstract model on the setup's mesh
+    (nothing allocated, compiled or written): parameters, gradients and AdamW moments exactly, an
+    RL minibatch's activations estimated (m1jax.plan.memory). Prints one line; returns the bytes."""
+    from m1jax.plan.memory import plan
+
+    mc = sharding.MeshConfig(**dict(s.mesh.shape))
+    rows = s.rl.prompts_per_step * s.rl.samples_per_prompt // s.rl.minibatches
+    width = s.task.max_prompt_len + s.task.max_new_tokens
+    r = plan(s.model, mc, rows, width)
+    gib = {k: r[k] / 2**30 for k in ("params", "grads", "opt", "act", "total")}
+    stats = s.mesh.devices.flat[0].memory_stats() or {}  # GPU/TPU: the device's memory; CPU: none
+    fits = ""
+    if stats.get("bytes_limit"):
+        limit = stats["bytes_limit"] / 2**30
+        fits = (f" (fits the devices' {limit:.1f} GiB)" if gib["total"] < limit else
+                f" (does NOT fit the devices' {limit:.1f} GiB: python -m m1jax.plan --mesh=auto finds a mesh)")
+    print(f"dry run: {s.model.param_count():,} parameters on mesh {dict(s.mesh.shape)}; per device "
+          f"{gib['params']:.1f} GiB parameters + {gib['grads']:.1f} GiB gradients + {gib['opt']:.1f} GiB AdamW + "
+          f"~{gib['act']:.1f} GiB activations ({rows} rows x {width} tokens per update) = {gib['total']:.1f} GiB"
+          f"{fits}; config checked, nothing compiled or written", flush=True)
+    return r
+
+
 def train_and_evaluate(s: Setup) -> dict:
     """Run (or resume) the training of a checked ``Setup``; returns eval.json's contents."""
     config, rl, task, windows = s.config, s.rl, s.task, s.windows
@@ -134,7 +188,11 @@ def train_and_evaluate(s: Setup) -> dict:
     width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
 
     # sampling and training on one mesh: parameters (and so the optimizer state) sharded
-    model = sharding.build_on_mesh(lambda: MiniMaxM1(s.model, rngs=nnx.Rngs(config.seed)), s.mesh)
+    ckpts = runs.RunCheckpoints(workdir, config.checkpoint.keep)
+    if config.get("init_from") and ckpts.latest_step() is None:  # a fresh run from a checkpoint
+        model = load_init(config.init_from, s.model, s.mesh)
+    else:  # random (replaced by the run's own checkpoint when it resumes)
+        model = sharding.build_on_mesh(lambda: MiniMaxM1(s.model, rngs=nnx.Rngs(config.seed)), s.mesh)
     print(sharding.describe_params(model), flush=True)
     sft_opt = nnx.Optimizer(model, make_optimizer(s.sft_optim), wrt=nnx.Param)
     rl_opt = nnx.Optimizer(model, make_optimizer(s.rl_optim), wrt=nnx.Param)
@@ -185,7 +243,6 @@ def train_and_evaluate(s: Setup) -> dict:
                         guard=guard, fetch=fetch)
 
     # ---------------------------------------------------------------- checkpoints (resume)
-    ckpts = runs.RunCheckpoints(workdir, config.checkpoint.keep)
     start, meta = 0, {"eval_before": None, "sft_end": None if config.sft.steps else 0}
     restored = ckpts.restore(model=model, sft_opt=sft_opt, rl_opt=rl_opt)
     if restored is not None:
@@ -276,6 +333,18 @@ def train_and_evaluate(s: Setup) -> dict:
         storage.write_text(storage.join(workdir, runs.EVAL_FILE), json.dumps(result, indent=2))
         plot_reward_curve(workdir)
     return result
+
+
+def load_init(path: str, cfg: ModelConfig, mesh) -> MiniMaxM1:
+    """The weights of checkpoint ``path``, each placed in its sharding on ``mesh`` as it is read."""
+    from m1jax.checkpoints import hf
+
+    if mesh.size > 1:
+        jax.set_mesh(mesh)  # as sharding.build_on_mesh: what follows runs sharded
+    model = hf.load(path, mesh=mesh if mesh.size > 1 else None, **{k: getattr(cfg, k) for k in RUNTIME})
+    assert model.cfg == cfg, (model.cfg, cfg)
+    print(f"initialized from {path}", flush=True)
+    return model
 
 
 def plot_reward_curve(workdir: str) -> None:

@@ -75,3 +75,34 @@ def test_print_config_prints_the_resolved_config(tmp_path):
     assert res.returncode == 0 and "top_p: 0.5" in res.stdout, res.stderr[-2000:]
     res = entry("-m", "m1jax.plan", "--topology=v5p-8", "--config=configs/tiny.py", "--print_config")
     assert res.returncode == 0 and "layer_types" in res.stdout, res.stderr[-2000:]
+
+
+def test_dry_run_of_the_minimax_m1_rl_config(tmp_path):
+    """train.py --dry_run on the paper's RL config for the 456B model: the config, data, tokenizer,
+    mesh (8 devices: expert=8) and optimizers are checked, the abstract model's per-device memory is
+    printed, and nothing is compiled or written; a mesh the experts do not split is one line."""
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": a + 1}) + "\n" for a in range(80)))
+    argv = ["train.py", "--config=configs/minimax_m1_rl.py", f"--workdir={tmp_path / 'run'}", "--dry_run",
+            f"--config.data.path={data}", "--config.data.tokenizer=chars:0123456789+="]
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    res = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = [x for x in res.stdout.splitlines() if x.startswith("dry run:")]
+    assert len(line) == 1 and "456,089,655,296 parameters" in line[0], res.stdout[-2000:]
+    assert "'expert': 8" in line[0] and "(512 rows x 90112 tokens per update)" in line[0], line[0]
+    assert not (tmp_path / "run").exists()
+    res = subprocess.run([sys.executable, *argv, "--config.mesh.expert=3"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    one_line_error(res, "expert")
+    assert not (tmp_path / "run").exists()
+    # what the RL run would sample with: the model config's early truncation, the paper's T and top-p
+    from m1jax import training
+    from m1jax.configs import load_config_file
+
+    config = load_config_file("configs/minimax_m1_rl.py")
+    config.data.path, config.data.tokenizer = str(data), "chars:0123456789+="
+    s = training.setup(config, str(tmp_path / "run"))  # 8 fake devices (tests/conftest.py)
+    sp = s.sampling
+    assert (sp.repetition_window, sp.repetition_prob, sp.temperature, sp.top_p) == (3000, 0.99, 1.0, 1.0)
+    assert s.windows.window == 40 * 1024 and s.windows.overrides() == {"max_grad_norm": 1.0, "is_weight_max": 5.0}

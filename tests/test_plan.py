@@ -171,3 +171,17 @@ def test_plan_auto_mesh_chooses_and_compiles(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         pod.main(SMALL + ["--mesh=auto", "--mesh.fsdp=2", "--batch=4"])
     assert e.value.code == 2 and "drop the --mesh.* flags" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_plan_takes_the_rl_config(capsys, monkeypatch):
+    """configs/minimax_m1_rl.py plans as it trains: its sampling, rollout and rl_optim sections are
+    read (here with the model shrunk to two layers so the train step compiles in seconds)."""
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
+    small = ["--model.num_layers=2", f"--model.layer_types=['{LIN}','{FULL}']", "--model.hidden_size=256",
+             "--model.num_heads=4", "--model.num_kv_heads=2", "--model.head_dim=64", "--model.intermediate_size=256"]
+    code = pod.main(["--config=configs/minimax_m1_rl.py", "--topology=v5p-8", "--program=train", "--batch=4",
+                     "--seq_len=512", *small])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("fits (margin") == 1, out

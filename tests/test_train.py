@@ -286,3 +286,28 @@ def test_train_on_a_mesh_matches_one_device_and_resumes(tmp_path):
                         "sft.batch_size = 12 rows, not a multiple")]:
         with pytest.raises(ValueError, match=re.escape(msg)):  # in this process: conftest's 8 devices
             train_here(tmp_path / "bad", *flags)
+
+
+def test_a_fresh_run_starts_from_init_from(tmp_path, capsys):
+    """init_from: the run's model is a MiniMax checkpoint's (here one whose LM head is zero, so the first
+    SFT loss is ln(vocab) exactly); a checkpoint of another shape or a missing one is refused before
+    anything is written."""
+    from flax import nnx
+
+    from m1jax.checkpoints import hf
+    from m1jax.configs import load_config_file, model_config
+    from m1jax.model import MiniMaxM1
+
+    cfg = model_config(load_config_file("configs/arith_cispo.py"))
+    model = MiniMaxM1(cfg, rngs=nnx.Rngs(5))
+    model.lm_head.set_value(np.zeros(model.lm_head.shape, np.float32))
+    hf.save(model, str(tmp_path / "ckpt"))
+    train_here(tmp_path / "run", f"--config.init_from={tmp_path / 'ckpt'}", "--config.sft.steps=1", "--config.rl.steps=0")
+    assert f"initialized from {tmp_path / 'ckpt'}" in capsys.readouterr().out
+    first = [m for m in metrics(tmp_path / "run") if m["phase"] == "sft"][0]
+    assert first["sft_loss"] == pytest.approx(np.log(cfg.vocab_size), rel=1e-6)
+    with pytest.raises(ValueError, match="its config.json has hidden_size=128, the config's model.hidden_size=64"):
+        train_here(tmp_path / "bad", f"--config.init_from={tmp_path / 'ckpt'}", "--config.model.hidden_size=64")
+    with pytest.raises(FileNotFoundError, match="init_from=.*nope: no such directory"):
+        train_here(tmp_path / "bad", f"--config.init_from={tmp_path / 'nope'}")
+    assert not (tmp_path / "bad").exists()

@@ -50,10 +50,13 @@ class RunCheckpoints:
         self.mgr = ocp.CheckpointManager(storage.join(workdir, CHECKPOINTS),
                                          options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
+    def latest_step(self) -> int | None:
+        return self.mgr.latest_step()
+
     def restore(self, **objects) -> tuple[int, dict] | None:
         """(step, meta) of the latest checkpoint, its states written into ``objects``; None if the run
         has no checkpoint yet."""
-        step = self.mgr.latest_step()
+        step = self.latest_step()
         if step is None:
             return None
         items = {name: ocp.args.StandardRestore(_pure(obj)) for name, obj in objects.items()}
