@@ -39,6 +39,7 @@ def get_config():
         # (None: the config's sampling.repetition_*, the model's; none here: off)
         repetition_window=ml_collections.config_dict.placeholder(int),
         repetition_prob=ml_collections.config_dict.placeholder(float),
+        routing_replay=False,  # R3: the trainer's MoE uses the sampler's recorded experts
     ))
     c.rl_optim = ml_collections.ConfigDict(dict(learning_rate=1.5e-4, warmup_steps=0, weight_decay=0.0,
                                                 max_grad_norm=1.0))

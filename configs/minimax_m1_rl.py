@@ -53,6 +53,7 @@ def get_config():
         # None: sampling.repetition_window / repetition_prob (3000 / 0.99, configs/minimax_m1.py)
         repetition_window=ml_collections.config_dict.placeholder(int),
         repetition_prob=ml_collections.config_dict.placeholder(float),
+        routing_replay=False,  # True: R3, the sampler's experts replayed in training
     ))
     c.length = ml_collections.ConfigDict(dict(
         windows=WINDOWS, advance_at=(None,) * (len(WINDOWS) - 1), p99_frac=0.9, ppl_window=8, ppl_tol=0.02,

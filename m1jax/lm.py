@@ -12,9 +12,9 @@ from m1jax.model.moe import load_balancing_loss
 from m1jax.sharding import constrain_state
 
 
-def _policy_log_softmax(model: MiniMaxM1, ids, mask, temperature: float):
+def _policy_log_softmax(model: MiniMaxM1, ids, mask, temperature: float, expert_ids=None):
     """log softmax(logits / T) over the full vocabulary at positions 0..T-2: [B, T-1, V] (fp32)."""
-    out = model.forward(ids, attention_mask=mask)
+    out = model.forward(ids, attention_mask=mask, expert_ids=expert_ids)
     logits = out.logits[:, :-1].astype(jnp.float32)
     if temperature != 1.0:  # a Python-level branch: T = 1 leaves the graph untouched
         logits = logits / temperature
@@ -53,20 +53,21 @@ def target_logprobs(head, h, targets, temperature: float = 1.0, chunk: int = LOG
     return jnp.moveaxis(lp, 0, 2).reshape(b, n * m)[:, :s]
 
 
-def token_logprobs(model: MiniMaxM1, ids, mask=None, temperature: float = 1.0):
+def token_logprobs(model: MiniMaxM1, ids, mask=None, temperature: float = 1.0, expert_ids=None):
     """log pi_T(ids[:, t] | ids[:, <t]) for t >= 1: [B, T-1], and the forward's aux loss.
 
     pi_T = softmax(logits / T), the distribution the rollout samples from at temperature T (its
-    sampler log-probs are of the same pi_T, see m1jax/rollout/sampling.py)."""
-    h, stats, _ = model.hidden_states(ids, attention_mask=mask)
+    sampler log-probs are of the same pi_T, see m1jax/rollout/sampling.py). expert_ids: optional
+    [num_layers, B, T, top_k] routing to replay (``MiniMaxM1.hidden_states``)."""
+    h, stats, _ = model.hidden_states(ids, attention_mask=mask, expert_ids=expert_ids)
     lp = target_logprobs(model.logits, h[:, :-1], ids[:, 1:], temperature)
     return lp, load_balancing_loss(stats, model.cfg.num_experts)
 
 
-def token_logprobs_and_entropy(model: MiniMaxM1, ids, mask=None, temperature: float = 1.0):
+def token_logprobs_and_entropy(model: MiniMaxM1, ids, mask=None, temperature: float = 1.0, expert_ids=None):
     """``token_logprobs`` and, from the same forward, the full-vocabulary entropy of pi_T at every
     position, H_t = -sum_v pi_T(v) log pi_T(v): ([B, T-1], [B, T-1], aux loss)."""
-    logp, aux = _policy_log_softmax(model, ids, mask, temperature)
+    logp, aux = _policy_log_softmax(model, ids, mask, temperature, expert_ids)
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0], entropy, aux
 

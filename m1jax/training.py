@@ -206,7 +206,7 @@ def train_and_evaluate(s: Setup) -> dict:
     kv_dtype = ro.get("kv_dtype") or None  # the sampler's softmax-layer KV caches (None: the compute dtype)
     greedy = SamplingParams(greedy=True, max_new_tokens=task.max_new_tokens, stop_token_ids=(tok.eos_id,))
 
-    def sample(probs, params, num_samples=1, key=None, max_new_tokens=None):
+    def sample(probs, params, num_samples=1, key=None, max_new_tokens=None, record=False):
         """Completions of problems: on the slot engine (fresh slots each call, prompt width
         task.max_prompt_len and params.max_new_tokens completion columns: one compiled shape; each
         sample's limit max_new_tokens), or in one static batch, prompts left-padded to
@@ -215,13 +215,13 @@ def train_and_evaluate(s: Setup) -> dict:
             n = slots or len(probs) * num_samples
             r = generate_slots(model, [p.prompt_ids for p in probs], params, num_samples, key=key,
                                slots=-(-n // s.shards) * s.shards, max_new_tokens=max_new_tokens,
-                               prompt_width=task.max_prompt_len, kv_dtype=kv_dtype)
+                               prompt_width=task.max_prompt_len, kv_dtype=kv_dtype, record_routing=record)
             return r.rollout
         if max_new_tokens is not None:
             params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
         ids, mask = left_pad([p.prompt_ids for p in probs], tok.pad_id, width=task.max_prompt_len)
         return fetch(generate(model, ids, params, num_samples=num_samples, key=key, prompt_mask=mask,
-                              kv_dtype=kv_dtype))
+                              kv_dtype=kv_dtype, record_routing=record))
 
     def score(probs, r, num_samples):
         """Rewards of the samples of each problem (rows i*G ... i*G+G-1); failures print and score 0."""
@@ -237,7 +237,7 @@ def train_and_evaluate(s: Setup) -> dict:
         """Held-out greedy pass@1: a completion passes when its reward is > 0."""
         return float(np.mean(np.asarray(score(task.eval_set, sample(task.eval_set, greedy), 1).scores) > 0))
 
-    learner = RLLearner(model, rl_opt, rl, sample=lambda probs, n, key, window: sample(probs, s.sampling, n, key, window),
+    learner = RLLearner(model, rl_opt, rl, sample=lambda probs, n, key, window: sample(probs, s.sampling, n, key, window, rl.routing_replay),
                         score=score, problems=rl_it, width=width, max_new_tokens=task.max_new_tokens,
                         pad_id=tok.pad_id, key=jax.random.key(config.seed), group_unit=s.group_unit, windows=windows,
                         guard=guard, fetch=fetch)

@@ -11,7 +11,7 @@ from flax import nnx
 from m1jax.model import MiniMaxM1, ModelConfig
 from m1jax.optim import OptimConfig, make_optimizer
 from m1jax.rl import PRESETS, token_weights
-from m1jax.rl.batch import rollout_batch
+from m1jax.rl.batch import rollout_batch, routing_batch
 from m1jax.rl.steps import cispo_step, policy_stats
 from m1jax.rollout import SamplingParams, generate
 
@@ -88,3 +88,38 @@ def test_a_stage_clip_bounds_the_gradient_before_the_optimizer():
     assert free == pytest.approx(gnorm, rel=1e-4) and gnorm > 0.1
     assert change_norm(gnorm / 4)[0] == pytest.approx(gnorm / 4, rel=1e-4)
     assert change_norm(gnorm * 4)[0] == pytest.approx(gnorm, rel=1e-4)
+
+
+def test_routing_replay_removes_the_gap_of_a_flipped_expert_choice():
+    """R3: a trainer whose router differs from the sampler's by 1e-6 (experts 0 and 1 tied in the
+    sampler, so the perturbation flips some top-2 choices) gives other log-probs for the sampled
+    tokens; replaying the sampler's recorded routing removes that gap, down to what the 1e-6 change
+    of the gate values makes. Replay on the sampler's own model changes nothing beyond float noise:
+    the recorded routing is aligned with the trainer's rows."""
+    def routers(model):  # every layer's router, [repeats, D, E]
+        return [layer.moe.router for blocks in (model.blocks, model.tail) if blocks is not None
+                for layer in blocks.layers]
+
+    sampler = MiniMaxM1(CFG, rngs=nnx.Rngs(2))
+    for router in routers(sampler):
+        router.set_value(router[...].at[..., 1].set(router[..., 0]))  # experts 0 and 1 tie everywhere
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+    out = jax.device_get(generate(sampler, PROMPTS, params, num_samples=2, key=jax.random.key(1), record_routing=True))
+    rows = [p for p in PROMPTS for _ in range(2)]
+    ids, comp, sampler_lp = rollout_batch(rows, out.tokens, out.logprobs, out.lengths, width=16, pad_id=0)
+    replay = routing_batch(rows, np.repeat(out.prompt_routing, 2, 0), out.routing, out.lengths, width=16)
+    expert_ids = jnp.asarray(np.moveaxis(replay, 2, 0))
+
+    def gap(model, ids_=None):
+        lp, _ = jax.device_get(policy_stats(model, jnp.asarray(ids), 1.0, ids_))
+        return float(np.abs(lp - sampler_lp)[comp].max())
+
+    base = gap(sampler)
+    assert base < 2e-4 and gap(sampler, expert_ids) < 2 * base + 1e-5  # the same float noise
+    trainer = MiniMaxM1(CFG, rngs=nnx.Rngs(2))
+    nnx.update(trainer, nnx.state(sampler))
+    for router in routers(trainer):
+        w = router[...]
+        router.set_value(w.at[..., 1].add(1e-6 * jax.random.normal(jax.random.key(7), w[..., 1].shape)))
+    assert gap(trainer) > 1e-2  # some expert choices flipped (measured: 2.6)
+    assert gap(trainer, expert_ids) < 1e-4  # the 1e-6 change of the gate values remains (measured: 3.5e-5)

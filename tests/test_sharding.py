@@ -176,6 +176,30 @@ def test_expert_parallel_equals_dense_under_skewed_routing(capacity):
         np.testing.assert_allclose(y, kept, rtol=1e-5, atol=1e-5)
 
 
+def test_expert_parallel_replays_given_routing():
+    """Routing replay under expert parallelism: forced expert ids (here the router's worst two) are
+    the ones computed, weighted by their renormalized router probabilities, as on one device."""
+    rng = np.random.default_rng(1)
+    b, t, d, e, i, k = 8, 6, 16, 8, 12, 2
+    x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    router = jnp.asarray(rng.normal(size=(d, e)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(e, d, i)) * 0.3, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(e, i, d)) * 0.3, jnp.float32)
+    logits = x.reshape(-1, d) @ router
+    forced = jnp.argsort(logits, axis=-1)[:, :k]  # never the top-k
+    weights, ids, _ = route(logits, k, forced)
+    np.testing.assert_array_equal(ids, forced)
+    p = np.asarray(jax.nn.softmax(logits, -1))
+    want_w = np.take_along_axis(p, np.asarray(forced), -1)
+    np.testing.assert_allclose(weights, want_w / want_w.sum(-1, keepdims=True), rtol=1e-6)
+    dense = expert_mlp(x.reshape(-1, d), ids, weights, w1, w3, w2).reshape(b, t, d)
+    with jax.set_mesh(shd.make_mesh(shd.MeshConfig(data=2, expert=4))):
+        y, stats = jax.jit(lambda *a, ids: moe_expert_parallel(*a, top_k=k, capacity_factor=None, expert_ids=ids))(
+            x, jnp.ones((b, t)), router, w1, w3, w2, ids=forced.reshape(b, t, k))
+    np.testing.assert_allclose(y, dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(stats.expert_ids, forced)
+
+
 def test_memory_plan_matches_real_shards():
     from m1jax.plan.memory import param_bytes
 

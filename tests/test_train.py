@@ -182,8 +182,9 @@ def test_recomputed_old_logp_with_tis_and_overlong_penalty(tmp_path):
     KV caches): with one update per rollout r = pi_theta / pi_old is 1 at every token up to float32
     rounding (pi_old is the trainer's own forward of the same parameters; measured p99(r) - 1 <= 2.4e-7,
     while the sampler's log-probs as pi_old give 5e-6 to 8e-6 here), and the TIS factor
-    min(pi_old / pi_sampler, 1) is logged (its formula: tests/test_cispo.py)."""
-    train_here(tmp_path, "--config.rl.old_logp=recomputed", "--config.rl.tis_cap=1.0",
+    min(pi_old / pi_sampler, 1) is logged (its formula: tests/test_cispo.py). With routing replay on
+    (the sampler's experts in both the pi_old forward and the updates: tests/test_rl_steps.py)."""
+    train_here(tmp_path, "--config.rl.old_logp=recomputed", "--config.rl.tis_cap=1.0", "--config.rl.routing_replay=True",
                "--config.rollout.kv_dtype=bfloat16", "--config.rl.updates_per_rollout=1", "--config.rl.minibatches=1",
                "--config.rl.overlong_cache_len=2", "--config.checkpoint.every=100")
     rl = [m for m in metrics(tmp_path) if m["phase"] == "rl"]

@@ -50,9 +50,9 @@ class DecoderLayer(nnx.Module):
             self.alpha, self.beta = cfg.full_attn_alpha, cfg.full_attn_beta
         self.moe = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x, decay_rate, positions, mask, cache=None, key_valid=None):
+    def __call__(self, x, decay_rate, positions, mask, cache=None, key_valid=None, expert_ids=None):
         """cache: this layer's entry of the hybrid cache (lightning: {"state"}; softmax: {"k", "v"})
-        or None. Returns (x, RouterStats, new entry or None): the new state of a lightning layer,
+        or None; expert_ids: this layer's [batch, seq, top_k] routing to replay, or None. Returns (x, RouterStats, new entry or None): the new state of a lightning layer,
         the new tokens' columns {"k", "v"} of a softmax layer (written into the cache by the model)."""
         a = self.input_norm(x)
         if self.layer_type == LINEAR:
@@ -64,7 +64,7 @@ class DecoderLayer(nnx.Module):
             new_cache = None if cache is None else {"k": kv[0], "v": kv[1]}
         x1 = self.alpha * (a if self.cfg.postnorm else x) + self.beta * m
         b = self.post_norm(x1)
-        y, stats = self.moe(b, mask)
+        y, stats = self.moe(b, mask, expert_ids)
         x2 = self.cfg.mlp_alpha * (b if self.cfg.postnorm else x1) + self.cfg.mlp_beta * y
         return constrain(x2.astype(x.dtype), "batch", "seq", "act_embed"), stats, new_cache
 
@@ -77,17 +77,20 @@ class Block(nnx.Module):
         self.remat_layers = cfg.remat_layers
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in layer_types])
 
-    def __call__(self, x, decay_rates, positions, mask, cache=None, key_valid=None):
-        """decay_rates: [len(layer_types), heads]; cache: list of per-layer entries or None.
+    def __call__(self, x, decay_rates, positions, mask, cache=None, key_valid=None, expert_ids=None):
+        """decay_rates: [len(layer_types), heads]; cache: list of per-layer entries or None;
+        expert_ids: [len(layer_types), batch, seq, top_k] routing to replay, or None.
 
         Returns (x, RouterStats stacked over the layers, new cache list or None)."""
         all_stats, new_cache = [], []
         for i, layer in enumerate(self.layers):
             entry = None if cache is None else cache[i]
+            ids = None if expert_ids is None else expert_ids[i]
             if self.remat_layers and cache is None:  # the backward recomputes this layer on its own
-                x, stats, entry = nnx.remat(DecoderLayer.__call__)(layer, x, decay_rates[i], positions, mask)
+                x, stats, entry = nnx.remat(DecoderLayer.__call__)(layer, x, decay_rates[i], positions, mask,
+                                                                   None, None, ids)
             else:
-                x, stats, entry = layer(x, decay_rates[i], positions, mask, entry, key_valid)
+                x, stats, entry = layer(x, decay_rates[i], positions, mask, entry, key_valid, ids)
             all_stats.append(stats)
             new_cache.append(entry)
         return x, jax.tree.map(lambda *s: jnp.stack(s), *all_stats), (None if cache is None else new_cache)
@@ -102,9 +105,11 @@ def _stacked_blocks(cfg: ModelConfig, layer_types, repeats: int, rngs: nnx.Rngs)
     return make(rngs)
 
 
-def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool, cache=None, key_valid=None):
+def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool, cache=None, key_valid=None,
+                 expert_ids=None):
     """Scan x through stacked blocks. decay_rates: [repeats, period, heads]; cache: per-slot list
-    of entries with a leading [repeats] axis (scanned along with the parameters), or None.
+    of entries with a leading [repeats] axis (scanned along with the parameters), or None;
+    expert_ids: [repeats, period, batch, seq, top_k] routing to replay, or None.
     Returns (x, stats, new entries stacked over the repeats or None)."""
 
     # A plain lax.scan over the split parameter state (each step merges one block's slice):
@@ -112,13 +117,13 @@ def _run_stacked(blocks: Block, x, decay_rates, positions, mask, remat: bool, ca
     graphdef, params = nnx.split(blocks)
 
     def body(x, xs):
-        block_params, rates, cache = xs
-        x, stats, cache = nnx.merge(graphdef, block_params)(x, rates, positions, mask, cache, key_valid)
+        block_params, rates, cache, ids = xs
+        x, stats, cache = nnx.merge(graphdef, block_params)(x, rates, positions, mask, cache, key_valid, ids)
         return x, (stats, cache)
 
     if remat:
         body = jax.checkpoint(body)
-    x, (stats, cache) = jax.lax.scan(body, x, (params, decay_rates, cache))
+    x, (stats, cache) = jax.lax.scan(body, x, (params, decay_rates, cache, expert_ids))
     return x, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stats), cache  # stats: [repeats*period, ...]
 
 
@@ -142,8 +147,11 @@ class MiniMaxM1(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None):
         return self.forward(input_ids, attention_mask, positions).logits
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None,
+                      expert_ids=None):
         """Final-normed hidden states [batch, seq, hidden], per-layer RouterStats and the new cache.
+        expert_ids: optional [num_layers, batch, seq, top_k], the experts each token uses in each
+        layer (routing replay: e.g. the sampler's recorded routing), instead of the router's top-k.
 
         cache: from ``init_cache`` (hybrid: lightning states and softmax KV caches) or None.
         With a cache, ``input_ids`` are written at column ``cache_index`` of the KV caches: one
@@ -160,15 +168,17 @@ class MiniMaxM1(nnx.Module):
         period, repeats, tail = cfg.pattern
         n = repeats * len(period)
         key_valid = None if cache is None else cache["key_valid"]  # the earlier tokens' columns
+        ids = None if expert_ids is None else expert_ids.astype(jnp.int32)
         x, stats, blocks_new = _run_stacked(
             self.blocks, x, rates[:n].reshape(repeats, len(period), -1), positions, attention_mask, cfg.remat,
             None if cache is None else cache["blocks"], key_valid,
+            None if ids is None else ids[:n].reshape(repeats, len(period), *ids.shape[1:]),
         )
         tail_new = None
         if self.tail is not None:
             x, tail_stats, tail_new = _run_stacked(
                 self.tail, x, rates[n:][None], positions, attention_mask, cfg.remat,
-                None if cache is None else cache["tail"], key_valid,
+                None if cache is None else cache["tail"], key_valid, None if ids is None else ids[n:][None],
             )
             stats = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), stats, tail_stats)
         new_cache = None
@@ -221,10 +231,11 @@ class MiniMaxM1(nnx.Module):
             return jnp.dot(h.astype(F32), w.astype(F32), precision=HIGHEST)
         return (h @ w.astype(h.dtype)).astype(F32)
 
-    def forward(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
+    def forward(self, input_ids, attention_mask=None, positions=None, expert_ids=None) -> ModelOutput:
         """input_ids [batch, seq] int; attention_mask optional [batch, seq] (1 = token);
-        positions optional [batch, seq] (default arange, as transformers)."""
-        h, stats, _ = self.hidden_states(input_ids, attention_mask, positions)
+        positions optional [batch, seq] (default arange, as transformers); expert_ids optional
+        [num_layers, batch, seq, top_k] (routing replay, see ``hidden_states``)."""
+        h, stats, _ = self.hidden_states(input_ids, attention_mask, positions, expert_ids=expert_ids)
         return ModelOutput(self.logits(h), load_balancing_loss(stats, self.cfg.num_experts), stats)
 
 

@@ -26,10 +26,17 @@ class RouterStats(NamedTuple):
     expert_ids: jax.Array  # [N, top_k] int32: the routing of every token (for routing replay)
 
 
-def route(logits, top_k: int):
-    """softmax over all experts (float32) -> top-k -> renormalize. Returns (weights, ids, probs)."""
+def route(logits, top_k: int, forced_ids=None):
+    """softmax over all experts (float32) -> top-k -> renormalize. Returns (weights, ids, probs).
+
+    forced_ids [N, top_k] (routing replay): these experts instead of the top-k, weighted by their
+    renormalized probabilities (R3: the sampler's choice, the trainer's gate values and gradient)."""
     probs = jax.nn.softmax(logits.astype(F32), axis=-1)
-    top_p, top_i = jax.lax.top_k(probs, top_k)
+    if forced_ids is None:
+        top_p, top_i = jax.lax.top_k(probs, top_k)
+    else:
+        top_i = forced_ids.astype(jnp.int32)
+        top_p = jnp.take_along_axis(probs, top_i, axis=-1)
     return top_p / jnp.sum(top_p, axis=-1, keepdims=True), top_i, probs
 
 
@@ -191,7 +198,8 @@ def _router_stats(probs, ids, row_w, num_experts):
     return RouterStats(prob_sum=row_w @ probs, count=row_w @ onehot, rows=row_w.sum(), expert_ids=ids.astype(jnp.int32))
 
 
-def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor: float | None, chunk: int = 0):
+def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor: float | None, chunk: int = 0,
+                        expert_ids=None):
     """MoE over the current mesh with jax.shard_map: tokens go to the devices owning their experts
     with an all_to_all over "expert", are computed there (MLP width split over "tensor", partial
     sums psum'ed) and come back with a second all_to_all.
@@ -201,7 +209,8 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
     for its n tokens or, with ``chunk``, for each chunk of at most ``chunk`` of them in turn.
     x: [B, T, D] sharded over the batch axes and, on a mesh with a sequence axis, T over it (its
     shards' tokens are just more rows; a length it does not divide gets masked padding rows at the
-    end); mask [B, T]. Returns (y [B, T, D], RouterStats summed over all devices).
+    end); mask [B, T]; expert_ids optional [B, T, top_k] (routing replay, see ``route``). Returns
+    (y [B, T, D], RouterStats summed over all devices).
     """
     from m1jax import sharding as shd
 
@@ -219,6 +228,8 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
     if t_in % seq:
         x = jnp.pad(x, ((0, 0), (0, -t_in % seq), (0, 0)))
         mask = jnp.pad(mask, ((0, 0), (0, -t_in % seq)))
+        if expert_ids is not None:
+            expert_ids = jnp.pad(expert_ids, ((0, 0), (0, -t_in % seq), (0, 0)))
 
     def dispatch(xf, ids, weights, real, w1, w3, w2):
         """Tokens xf [n, D] with their routing ids, weights [n, k] (rows where ``real`` is False are
@@ -245,12 +256,12 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
         rows = take_rows(back.reshape(ep * cap, -1), slot, src)  # [pairs, D]; dropped pairs are 0
         return jnp.sum(rows.reshape(n, top_k, -1), axis=1, dtype=F32)
 
-    def local(x, mask, router, w1, w3, w2):
+    def local(x, mask, router, w1, w3, w2, forced=None):
         b, t, d = x.shape
         n = b * t
         xf = x.reshape(n, d)
         logits = jnp.dot(xf.astype(F32), router, precision=HIGHEST)
-        weights, ids, probs = route(logits, top_k)
+        weights, ids, probs = route(logits, top_k, None if forced is None else forced.reshape(n, top_k))
         stats = _router_stats(probs, ids, mask.reshape(-1).astype(F32), num_experts)
         if stat_axes:  # global sums; the per-token routing stays sharded like the tokens
             stats = stats._replace(**{f: jax.lax.psum(getattr(stats, f), stat_axes)
@@ -269,14 +280,15 @@ def moe_expert_parallel(x, mask, router, w1, w3, w2, top_k: int, capacity_factor
             out = jax.lax.map(jax.checkpoint(lambda a: dispatch(*a, w1, w3, w2)), xs).reshape(c * m, d)[:n]
         return out.astype(x.dtype).reshape(b, t, d), stats
 
+    replay = () if expert_ids is None else (expert_ids,)
     fn = jax.shard_map(
         local,
         in_specs=(P(bspec, sspec, None), P(bspec, sspec), P(), P("expert", None, mlp), P("expert", None, mlp),
-                  P("expert", mlp, None)),
+                  P("expert", mlp, None)) + ((P(bspec, sspec, None),) if replay else ()),
         out_specs=(P(bspec, sspec, None), RouterStats(P(), P(), P(), P(bspec, sspec, None))),
         check_vma=False,
     )
-    y, stats = fn(x, mask, router, w1, w3, w2)
+    y, stats = fn(x, mask, router, w1, w3, w2, *replay)
     ids = stats.expert_ids[:, :t_in]
     return y[:, :t_in], stats._replace(expert_ids=ids.reshape(-1, top_k))
 
@@ -291,8 +303,9 @@ class MoE(nnx.Module):
         self.w3 = param(rngs, (e, d, i), ("experts", "embed", "mlp"), pdt, std=std)  # up
         self.w2 = param(rngs, (e, i, d), ("experts", "mlp", "embed"), pdt, std=std)  # down
 
-    def __call__(self, x, mask=None):
-        """x: [batch, seq, hidden]; mask: optional [batch, seq]. Returns (y, RouterStats).
+    def __call__(self, x, mask=None, expert_ids=None):
+        """x: [batch, seq, hidden]; mask: optional [batch, seq]; expert_ids: optional [batch, seq,
+        top_k], the experts to use (routing replay, see ``route``). Returns (y, RouterStats).
 
         Under a device mesh (jax.set_mesh) the experts run expert-parallel (moe_expert_parallel);
         otherwise all experts run here (dense grouped matmuls).
@@ -307,11 +320,12 @@ class MoE(nnx.Module):
         if current_mesh() is not None:
             return moe_expert_parallel(
                 x, row_mask, self.router[...], w1, w3, w2, cfg.num_experts_per_tok, cfg.moe_capacity_factor,
-                cfg.moe_chunk,
+                cfg.moe_chunk, expert_ids,
             )
         xf = x.reshape(b * t, d)
         logits = jnp.dot(xf.astype(F32), self.router[...], precision=HIGHEST)
-        weights, ids, probs = route(logits, cfg.num_experts_per_tok)
+        forced = None if expert_ids is None else expert_ids.reshape(b * t, -1)
+        weights, ids, probs = route(logits, cfg.num_experts_per_tok, forced)
         if cfg.moe_impl == "auto":  # chosen when lowering, for the platform compiled for (AOT included)
             # (the flag is read here: platform_dependent traces its branches outside this call's context)
             cpu = functools.partial(expert_mlp_cpu, invariant=_BATCH_INVARIANT.get())

@@ -18,7 +18,7 @@ import numpy as np
 
 from m1jax.model.config import ConfigError, dataclass_from_dict
 from m1jax.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
-from m1jax.rl.batch import RLBatch, rollout_batch
+from m1jax.rl.batch import RLBatch, rollout_batch, routing_batch
 from m1jax.rollout.engine import REPETITION
 from m1jax.rl.cispo import PRESETS, LossConfig, token_weights
 from m1jax.rl.steps import cispo_step, policy_stats
@@ -50,6 +50,10 @@ class RLConfig:
     # sampling.repetition_window / repetition_prob (the model config's; configs/minimax_m1.py: 3000 / 0.99).
     repetition_window: int | None = None
     repetition_prob: float | None = None
+    # Routing replay (R3): the sampler records every token's experts and the trainer's MoE uses them
+    # (the router only weights them), so an expert choice that flips between sampler and trainer
+    # numerics does not change the policy being trained.
+    routing_replay: bool = False
 
     def __post_init__(self):
         if self.loss not in PRESETS:
@@ -111,6 +115,7 @@ class Collected:
     lengths: np.ndarray  # [every sampled row]
     batch: RLBatch | None  # the n kept groups' G rows each (None: no group to train on)
     advantages: np.ndarray | None  # [n * G]
+    routing: np.ndarray | None = None  # [n * G, width, num_layers, top_k] with rl.routing_replay
 
 
 class RLLearner:
@@ -132,7 +137,7 @@ class RLLearner:
         most ``window`` tokens (None: ``max_new_tokens``, the task's limit)."""
         cfg, g = self.cfg, self.cfg.samples_per_prompt
         problems, lengths, all_rewards = [], [], []
-        kept_prompts, kept_tokens, kept_logp, kept_len, kept_rewards = [], [], [], [], []
+        kept_prompts, kept_tokens, kept_logp, kept_len, kept_rewards, kept_routing = [], [], [], [], [], []
         n_gen = n_failures = n_repetition = 0
         while len(kept_rewards) < cfg.prompts_per_step and n_gen < cfg.max_gen_batches:
             probs = [next(self.problems) for _ in range(cfg.prompts_per_step)]
@@ -150,6 +155,8 @@ class RLLearner:
                                                    cfg.overlong_cache_len).reshape(len(probs), g)
             all_rewards.append(scores)
             keep = groups_with_signal(scores) if cfg.dynamic_sampling else np.ones(len(probs), bool)
+            if cfg.routing_replay and getattr(r, "routing", None) is None:
+                raise ValueError("rl.routing_replay needs the sampler's routing: sample with record_routing=True.")
             for i in np.flatnonzero(keep):
                 rows = slice(i * g, (i + 1) * g)
                 kept_prompts += [probs[i].prompt_ids] * g
@@ -157,6 +164,9 @@ class RLLearner:
                 kept_logp.append(r.logprobs[rows])
                 kept_len.append(r.lengths[rows])
                 kept_rewards.append(scores[i])
+                if cfg.routing_replay:  # the group's prompt routing (one per prompt) and its samples'
+                    kept_routing.append((np.repeat(np.asarray(r.prompt_routing[i: i + 1]), g, 0),
+                                         np.asarray(r.routing[rows])))
             n_gen += 1
         rewards = np.concatenate(all_rewards)
         metrics = {"reward_mean": rewards.mean(), "pass_rate": (rewards > 0).mean(), "groups_kept": len(kept_rewards),
@@ -168,6 +178,10 @@ class RLLearner:
             out.batch = rollout_batch(kept_prompts[: n * g], np.concatenate(kept_tokens[:n]),
                                       np.concatenate(kept_logp[:n]), np.concatenate(kept_len[:n]), self.width,
                                       self.pad_id)
+            if cfg.routing_replay:
+                out.routing = routing_batch(kept_prompts[: n * g], np.concatenate([p for p, _ in kept_routing[:n]]),
+                                            np.concatenate([c for _, c in kept_routing[:n]]),
+                                            np.concatenate(kept_len[:n]), self.width)
             out.advantages = group_advantages(np.asarray(kept_rewards[:n]),
                                               cfg.advantage_std).reshape(-1).astype(np.float32)
         return out
@@ -180,7 +194,12 @@ class RLLearner:
         lengths, adv = comp.sum(axis=1), collected.advantages  # completion tokens per row
         rec = {}
         # The sampling policy on its own samples (the trainer's forward, before the updates).
-        lp_now, entropy = self.fetch(policy_stats(self.model, jnp.asarray(ids), cfg.temperature))
+        replay = collected.routing  # [rows, width, layers, top_k] or None
+
+        def expert_ids(rows=slice(None)):  # the rows' routing as the model takes it: [layers, rows, width, k]
+            return None if replay is None else jnp.asarray(np.moveaxis(replay[rows], 2, 0))
+
+        lp_now, entropy = self.fetch(policy_stats(self.model, jnp.asarray(ids), cfg.temperature, expert_ids()))
         rec["entropy"] = float(entropy[comp].mean())
         rec["logprob_corr"] = float(np.corrcoef(lp_now[comp], sampler_lp[comp])[0, 1]) if comp.sum() > 1 else 1.0
         old = sampler_lp
@@ -207,7 +226,7 @@ class RLLearner:
                 m = self.fetch(cispo_step(self.model, self.optimizer, jnp.asarray(ids[rows]), jnp.asarray(comp[rows]),
                                           jnp.asarray(old[rows]), jnp.asarray(adv[rows]), w, loss_cfg,
                                           jnp.asarray(sampler_lp[rows]), temperature=cfg.temperature,
-                                          max_grad_norm=clip))
+                                          max_grad_norm=clip, expert_ids=expert_ids(rows)))
                 self.guard(m["finite"], step)
                 ratios.append(m.pop("ratio")[comp[rows]])
                 updates.append(m)

@@ -32,21 +32,22 @@ def sft_step(model, optimizer, ids, loss_mask):
 
 @nnx.jit(static_argnames=("cfg", "temperature"))
 def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, cfg: LossConfig,
-               sampler_logp=None, temperature: float = 1.0, max_grad_norm=None):
+               sampler_logp=None, temperature: float = 1.0, max_grad_norm=None, expert_ids=None):
     """One CISPO update on a minibatch. ids [B, T] (prompt + completion); comp_mask [B, T-1] marks
     completion targets; old_logp [B, T-1] (pi_old at those targets); weights [B, T-1] from
     token_weights over the whole optimizer batch; sampler_logp [B, T-1] feeds the optional truncated
     IS factor (cfg.tis_cap) when old_logp was recomputed by the trainer. The policy is pi_T, the
     sampling temperature's distribution. max_grad_norm (a scalar array, optional): the gradient is
     clipped to this global norm before the optimizer (a length stage's clip; the optimizer's own clip
-    comes after). Returns scalar metrics (grad_norm before clipping) and "ratio" [B, T-1] (r per token)."""
+    comes after). expert_ids (optional [num_layers, B, T, top_k]): the sampler's routing, replayed
+    (R3: the MoE uses these experts, the router only weights them). Returns scalar metrics (grad_norm before clipping) and "ratio" [B, T-1] (r per token)."""
     chex.assert_rank(ids, 2)
     targets = (ids.shape[0], ids.shape[1] - 1)
     chex.assert_shape([comp_mask, old_logp, weights] + ([] if sampler_logp is None else [sampler_logp]), targets)
     chex.assert_shape(advantages, (ids.shape[0],) if advantages.ndim == 1 else targets)
 
     def loss_fn(model):
-        lp, aux = token_logprobs(model, ids, temperature=temperature)
+        lp, aux = token_logprobs(model, ids, temperature=temperature, expert_ids=expert_ids)
         loss, metrics = cispo_loss(lp, old_logp, advantages, weights * comp_mask, cfg, sampler_logp)
         nll = -jnp.sum(lp * weights * comp_mask)  # weighted mean -log pi_T of the sampled tokens
         return loss + model.cfg.router_aux_loss_coef * aux * jnp.sum(weights * comp_mask), (metrics, nll)
@@ -62,8 +63,9 @@ def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, 
 
 
 @nnx.jit(static_argnames=("temperature",))
-def policy_stats(model, ids, temperature: float = 1.0):
+def policy_stats(model, ids, temperature: float = 1.0, expert_ids=None):
     """The current policy pi_T on sampled sequences ids [B, T], no gradient: log pi_T of every target
-    token and the full-vocabulary entropy of pi_T at every position, both [B, T-1]."""
-    lp, entropy, _ = token_logprobs_and_entropy(model, ids, temperature=temperature)
+    token and the full-vocabulary entropy of pi_T at every position, both [B, T-1] (with the
+    sampler's routing replayed when expert_ids is given)."""
+    lp, entropy, _ = token_logprobs_and_entropy(model, ids, temperature=temperature, expert_ids=expert_ids)
     return lp, entropy
