@@ -188,8 +188,7 @@ def train_and_evaluate(s: Setup) -> dict:
     width = task.max_prompt_len + task.max_new_tokens  # every training row: prompt, completion, pad
 
     # sampling and training on one mesh: parameters (and so the optimizer state) sharded
-    ckpts = runs.RunCheckpoints(workdir, config.checkpoint.keep)
-    if config.get("init_from") and ckpts.latest_step() is None:  # a fresh run from a checkpoint
+    if config.get("init_from") and runs.latest_step(workdir) is None:  # a fresh run from a checkpoint
         model = load_init(config.init_from, s.model, s.mesh)
     else:  # random (replaced by the run's own checkpoint when it resumes)
         model = sharding.build_on_mesh(lambda: MiniMaxM1(s.model, rngs=nnx.Rngs(config.seed)), s.mesh)
@@ -243,6 +242,7 @@ def train_and_evaluate(s: Setup) -> dict:
                         guard=guard, fetch=fetch)
 
     # ---------------------------------------------------------------- checkpoints (resume)
+    ckpts = runs.RunCheckpoints(workdir, config.checkpoint.keep)
     start, meta = 0, {"eval_before": None, "sft_end": None if config.sft.steps else 0}
     restored = ckpts.restore(model=model, sft_opt=sft_opt, rl_opt=rl_opt)
     if restored is not None:

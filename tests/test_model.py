@@ -104,7 +104,8 @@ def test_moe_impls_agree_in_values_and_gradients():
     experts' weights) and grouped (sorted rows, ragged_dot) experts compute the same function: values
     and all input/weight/routing-weight gradients, under skewed routing (which makes the CPU experts
     fall back to dense)."""
-    from m1jax.model.moe import expert_mlp, expert_mlp_cpu, expert_mlp_dense, expert_mlp_gathered, expert_mlp_slots
+    from m1jax.model.cpu import expert_mlp_cpu, expert_mlp_dense, expert_mlp_gathered, expert_mlp_slots
+    from m1jax.model.moe import expert_mlp
 
     n, d, inner, e, k = 40, 16, 24, 5, 2
     ks = jax.random.split(jax.random.key(0), 6)
@@ -135,7 +136,8 @@ def test_moe_impls_agree_in_values_and_gradients():
 def test_cpu_experts_use_slots_when_the_load_fits():
     """expert_mlp_cpu computes 1.5x-the-balanced-load slots per expert when every expert's tokens
     fit: equal to the grouped experts, and its program has no [E, N, I] dense product."""
-    from m1jax.model.moe import expert_mlp, expert_mlp_cpu
+    from m1jax.model.cpu import expert_mlp_cpu
+    from m1jax.model.moe import expert_mlp
 
     n, d, inner, e, k = 64, 8, 16, 4, 2
     ks = jax.random.split(jax.random.key(1), 5)
@@ -154,7 +156,8 @@ def test_cpu_experts_read_only_the_selected_experts_for_a_small_batch():
     """With fewer (token, expert) pairs than experts (batch-1 decode), expert_mlp_cpu gathers the
     selected experts' weights instead of multiplying by all of them: equal to the grouped experts,
     and its program has no dot over all experts."""
-    from m1jax.model.moe import expert_mlp, expert_mlp_cpu
+    from m1jax.model.cpu import expert_mlp_cpu
+    from m1jax.model.moe import expert_mlp
 
     n, d, inner, e, k = 1, 8, 16, 4, 2
     ks = jax.random.split(jax.random.key(2), 5)
@@ -176,7 +179,7 @@ def test_bfloat16_cache_decode_attention_equals_float32_dots():
     of the cache): the float32 query and softmax weights go in as three bfloat16 parts that sum
     to them exactly, so scores and outputs equal float64 dots over the bf16-rounded cache to float32
     accuracy — including a cache length that no column block divides."""
-    from m1jax.model.attention import _bf16_parts, _decode_dot, _decode_mix
+    from m1jax.model.cpu import _bf16_parts, decode_dot, decode_mix
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 2, 3, 16)) * 10.0 ** rng.integers(-4, 4, size=(2, 2, 3, 16)), jnp.float32)
@@ -187,8 +190,8 @@ def test_bfloat16_cache_decode_attention_equals_float32_dots():
         keys, values = (jnp.asarray(rng.normal(size=(2, 2, s, 64)), jnp.bfloat16) for _ in range(2))
         w = rng.random((2, 2, 2, s)).astype(np.float32)
         k64, v64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (keys, values))
-        scores = np.asarray(jax.jit(_decode_dot)(jnp.asarray(q), keys))
-        mixed = np.asarray(jax.jit(_decode_mix)(jnp.asarray(w), values))
+        scores = np.asarray(jax.jit(decode_dot)(jnp.asarray(q), keys))
+        mixed = np.asarray(jax.jit(decode_mix)(jnp.asarray(w), values))
         want_s = np.einsum("bkgd,bksd->bkgs", q.astype(np.float64), k64)
         want_m = np.einsum("bkgs,bksd->bkgd", w.astype(np.float64), v64)
         assert np.abs(scores - want_s).max() < 1e-6 * np.abs(want_s).max()

@@ -78,6 +78,17 @@ class RunCheckpoints:
         self.mgr.close()
 
 
+def latest_step(workdir: str) -> int | None:
+    """The step of a run directory's latest checkpoint; None before its first."""
+    if not is_run_dir(workdir):
+        return None
+    ckpts = RunCheckpoints(workdir, keep=1)
+    try:
+        return ckpts.latest_step()
+    finally:
+        ckpts.close()
+
+
 def is_run_dir(path: str) -> bool:
     return storage.exists(storage.join(path, CHECKPOINTS))
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from m1jax.model import cpu
 from m1jax.model.config import ModelConfig
 from m1jax.model.layers import F32, apply_rope, dtype_of, param
 from m1jax.sharding import batch_spec, current_mesh, sequence_shards
@@ -128,52 +129,6 @@ def _mix(w, values, dt):
     return jnp.einsum("bkgts,bksd->btkgd", w.astype(dt), values.astype(dt), preferred_element_type=F32)
 
 
-def _bf16_parts(x):
-    """x (float32) as three bfloat16 parts that sum to it exactly (8 + 8 + 8 significant bits),
-    stacked on axis 2: a dot of the parts with bfloat16 operands and float32 sums equals x's float32
-    dot. Each part is the rest with its low 16 bits cleared, not rounded: XLA folds a float32 ->
-    bfloat16 -> float32 round trip back to x (excess precision), which would zero the rest."""
-    top = lambda y: jax.lax.bitcast_convert_type(  # noqa: E731
-        jax.lax.bitcast_convert_type(y, jnp.uint32) & jnp.uint32(0xFFFF0000), F32)
-    hi = top(x)
-    mid = top(x - hi)
-    return jnp.concatenate([hi, mid, x - hi - mid], axis=2).astype(jnp.bfloat16)
-
-
-def _parts_sum(x):
-    g = x.shape[2] // 3
-    return x[:, :, :g] + x[:, :, g:2 * g] + x[:, :, 2 * g:]
-
-
-def _decode_dot(q1, keys):
-    """Scores of one query per row, q1 [B, KV, G, d], against keys [B, KV, S, d]: [B, KV, G, S] f32.
-
-    A bfloat16 cache is read as is, not converted to float32 first (XLA:CPU materializes that
-    convert: a second pass over the cache); a float32 query goes in as three bfloat16 parts
-    (``_bf16_parts``), so the scores equal float32 dots."""
-    if keys.dtype != jnp.bfloat16:
-        return jnp.einsum("bkgd,bksd->bkgs", q1.astype(F32), keys.astype(F32))
-    if q1.dtype == keys.dtype:
-        return jnp.einsum("bkgd,bksd->bkgs", q1, keys, preferred_element_type=F32)
-    return _parts_sum(jnp.einsum("bkgd,bksd->bkgs", _bf16_parts(q1.astype(F32)), keys, preferred_element_type=F32))
-
-
-def _decode_mix(w, values):
-    """Softmax weights w [B, KV, G, S] (float32) times values [B, KV, S, d]: [B, KV, G, d] float32.
-
-    The sum over S runs as a batch of dots over column blocks, added after (XLA:CPU runs one long dot
-    over S far slower). The block sums pass an optimization barrier, which keeps XLA:CPU from fusing
-    the dots with the sum into a slower loop. For a bfloat16 cache, w goes in as three bfloat16 parts
-    (``_bf16_parts``). Measurements: docs/rollout.md."""
-    b, kv, _, s = w.shape
-    block = next((c for c in (256, 128, 64, 32, 16) if s % c == 0), s)
-    parts = values.dtype == jnp.bfloat16
-    out = jnp.einsum("bkgjc,bkjcd->bkjgd", (_bf16_parts(w) if parts else w).reshape(b, kv, -1, s // block, block),
-                     values.reshape(b, kv, s // block, block, -1), preferred_element_type=F32)
-    out = jax.lax.optimization_barrier(out).sum(axis=2)
-    return _parts_sum(out) if parts else out
-
-
 def _softmax_attention(q, parts, sqrt_d):
     """softmax(q . keys / sqrt_d) . values over the keys of several (keys, values, allowed) parts.
 
@@ -184,8 +139,8 @@ def _softmax_attention(q, parts, sqrt_d):
     if q.shape[1] == 1:  # one query (decode): matrix-vector dots that stream the cache at DRAM speed
         # (not a multiply-reduce fusion over head_dim, which XLA:CPU runs at half the bandwidth)
         q1 = q[:, 0]  # [B, KV, G, d]: without the length-1 axis XLA picks cache-friendly layouts
-        dot = lambda keys: _decode_dot(q1, keys)[:, :, :, None]  # noqa: E731
-        mix = lambda w, values: _decode_mix(w[:, :, :, 0], values)[:, None]  # noqa: E731
+        dot = lambda keys: cpu.decode_dot(q1, keys)[:, :, :, None]  # noqa: E731
+        mix = lambda w, values: cpu.decode_mix(w[:, :, :, 0], values)[:, None]  # noqa: E731
     else:
         dot, mix = functools.partial(_dot, q), functools.partial(_mix, dt=dt)
     scores = [jnp.where(ok, dot(keys) / sqrt_d, jnp.finfo(F32).min) for keys, _, ok in parts]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
 from typing import NamedTuple
@@ -13,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from m1jax.model import cpu
 from m1jax.model.config import ModelConfig
 from m1jax.model.layers import F32, HIGHEST, dtype_of, param
 
@@ -92,105 +91,6 @@ def expert_mlp(x, ids, weights, w1, w3, w2):
     n, k = ids.shape
     y = grouped_swiglu(jnp.repeat(x, k, axis=0), ids.reshape(-1), w1, w3, w2, weights.reshape(-1))
     return y.reshape(n, k, -1).sum(axis=1)  # a token's k (token, expert) pairs are adjacent
-
-
-def _gate(ids, weights, num_experts: int):
-    """Routing weights as a dense [N, E] float32 matrix (0 for the experts a row does not use)."""
-    rows = jnp.arange(ids.shape[0])[:, None]
-    return jnp.zeros((ids.shape[0], num_experts), F32).at[rows, ids].add(weights.astype(F32))
-
-
-def _expert_hidden(xs, gs, w1, w3):
-    """SwiGLU hidden rows of every expert, scaled by their routing weights: xs [E, R, D] (expert e's
-    rows), gs [E, R]. Returns [E, R, I] in xs.dtype, ready for the down projection."""
-    h1 = jnp.einsum("erd,edi->eri", xs, w1, preferred_element_type=F32)
-    h3 = jnp.einsum("erd,edi->eri", xs, w3, preferred_element_type=F32)
-    return (jax.nn.silu(h1) * h3 * gs[:, :, None]).astype(xs.dtype)
-
-
-def expert_mlp_dense(x, ids, weights, w1, w3, w2):
-    """Every expert on every token, summed with the routing weights (0 for unselected experts):
-    x [N, D]; ids, weights [N, k]. Returns [N, D] float32 — equal to ``expert_mlp``.
-
-    Written as dots batched over the expert axis, which read w1/w3 [E, D, I] and w2 [E, I, D] in
-    their stored layout. ("nd,edi->eni" instead makes XLA:CPU merge the experts into one
-    [D, E*I] matmul and transpose the weights into it on every call: inside the decode loop that
-    was half of a step.)
-    """
-    e = w1.shape[0]
-    h = _expert_hidden(jnp.broadcast_to(x, (e, *x.shape)), _gate(ids, weights, e).T, w1, w3)
-    return jnp.einsum("eni,eid->nd", h, w2, preferred_element_type=F32)
-
-
-def expert_mlp_slots(x, ids, weights, w1, w3, w2, capacity: int):
-    """Every expert computes ``capacity`` row slots, filled with its tokens in order (empty slots
-    hold a zero row): the work of E * capacity rows instead of dense's E * N. x [N, D]; ids,
-    weights [N, k]. Equal to ``expert_mlp`` when no expert has more than ``capacity`` tokens —
-    the caller's guarantee (rows past it would be dropped)."""
-    n, d = x.shape
-    e = w1.shape[0]
-    rows = jnp.arange(n)[:, None]
-    hit = jnp.zeros((n, e), bool).at[rows, ids].set(True)  # top-k ids are distinct per row
-    gate = _gate(ids, weights, e)
-    slot = jnp.where(hit, jnp.cumsum(hit, axis=0) - 1, capacity)  # slot `capacity` = not routed here
-    token = jnp.full((e, capacity + 1), n, jnp.int32).at[jnp.arange(e), slot].set(
-        jnp.broadcast_to(rows.astype(jnp.int32), (n, e)), mode="drop")[:, :capacity]  # [E, C]; n = empty
-    xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token]  # [E, C, D]
-    gs = jnp.concatenate([gate, jnp.zeros((1, e), F32)])[token, jnp.arange(e)[:, None]]  # [E, C]
-    y = jnp.einsum("eci,eid->ecd", _expert_hidden(xs, gs, w1, w3), w2, preferred_element_type=F32)
-    return jnp.zeros((n + 1, d), F32).at[token].add(y)[:n]
-
-
-def expert_mlp_gathered(x, ids, weights, w1, w3, w2):
-    """Each (token, expert) pair with its expert's matrices gathered: reads the weights of the n * k
-    selected experts only, where the batched forms read all E. x [N, D]; ids, weights [N, k].
-    Returns [N, D] float32 — equal to ``expert_mlp``. Pays off when n * k < E (batch-1 decode).
-    Measurements: docs/rollout.md."""
-    n, k = ids.shape
-    pair = ids.reshape(-1)
-    xs = jnp.repeat(x, k, axis=0)[:, None]  # [N k, 1, D]: pair i * k + j is token i for its j-th expert
-    h = _expert_hidden(xs, weights.reshape(-1, 1).astype(F32), w1[pair], w3[pair])  # each pair its own "expert"
-    y = jnp.einsum("pri,pid->prd", h, w2[pair], preferred_element_type=F32)
-    return y.reshape(n, k, -1).sum(axis=1)
-
-
-_BATCH_INVARIANT = contextvars.ContextVar("m1jax_moe_batch_invariant", default=False)
-
-
-@contextlib.contextmanager
-def batch_invariant():
-    """While tracing inside this context, the CPU experts pick their implementation from shapes
-    alone, so that a row's output never depends on the other rows of its batch: the slot engine's
-    guarantee that a sample is the same whichever slots and neighbours it ran with. (Outside it,
-    ``expert_mlp_cpu`` chooses fixed slots or dense by whether the batch's loads fit the slots:
-    both exact, but not bitwise equal, so a row's last bits depended on its neighbours' routing.)"""
-    token = _BATCH_INVARIANT.set(True)
-    try:
-        yield
-    finally:
-        _BATCH_INVARIANT.reset(token)
-
-
-def expert_mlp_cpu(x, ids, weights, w1, w3, w2, invariant: bool = False):
-    """The CPU experts, dropless, one compiled program per shape:
-
-    * fewer (token, expert) pairs than experts (small-batch decode): only the selected experts'
-      weights, gathered (``expert_mlp_gathered``);
-    * otherwise fixed slots of 1.5x the balanced load (``expert_mlp_slots``) when every expert's
-      tokens fit them, else dense. With E experts and top-k routing the slots do 1.5 k / E of
-      dense's work (tiny config: 3/4). ``invariant`` (``batch_invariant()``): dense."""
-    n, e, k = x.shape[0], w1.shape[0], ids.shape[1]
-    if n * k < e:
-        return expert_mlp_gathered(x, ids, weights, w1, w3, w2)
-    if invariant:
-        return expert_mlp_dense(x, ids, weights, w1, w3, w2)
-    balanced = -(-n * k // e)  # ceil(n k / e)
-    capacity = -(-3 * balanced // 2 // 8) * 8  # 1.5x, rounded up to a multiple of 8 rows
-    if capacity >= n:  # small batches: slots would not save anything
-        return expert_mlp_dense(x, ids, weights, w1, w3, w2)
-    fits = jnp.max(jnp.zeros((e,), jnp.int32).at[ids.reshape(-1)].add(1)) <= capacity
-    return jax.lax.cond(fits, lambda: expert_mlp_slots(x, ids, weights, w1, w3, w2, capacity),
-                        lambda: expert_mlp_dense(x, ids, weights, w1, w3, w2))
 
 
 def _router_stats(probs, ids, row_w, num_experts):
@@ -328,10 +228,10 @@ class MoE(nnx.Module):
         weights, ids, probs = route(logits, cfg.num_experts_per_tok, forced)
         if cfg.moe_impl == "auto":  # chosen when lowering, for the platform compiled for (AOT included)
             # (the flag is read here: platform_dependent traces its branches outside this call's context)
-            cpu = functools.partial(expert_mlp_cpu, invariant=_BATCH_INVARIANT.get())
-            y = jax.lax.platform_dependent(xf, ids, weights, w1, w3, w2, cpu=cpu, default=expert_mlp)
+            on_cpu = functools.partial(cpu.expert_mlp_cpu, invariant=cpu.batch_invariant_now())
+            y = jax.lax.platform_dependent(xf, ids, weights, w1, w3, w2, cpu=on_cpu, default=expert_mlp)
         else:
-            y = (expert_mlp_dense if cfg.moe_impl == "dense" else expert_mlp)(xf, ids, weights, w1, w3, w2)
+            y = (cpu.expert_mlp_dense if cfg.moe_impl == "dense" else expert_mlp)(xf, ids, weights, w1, w3, w2)
         stats = _router_stats(probs, ids, row_mask.reshape(-1), cfg.num_experts)
         return y.astype(dt).reshape(b, t, d), stats
 

@@ -15,7 +15,7 @@ column ``prompt_width + t``. A prompt is prefilled once, on its own, into a cach
 width; each of its samples copies that into a slot (the fork) and resets the slot's lightning
 states, KV columns, key mask and counters. Each sample draws with a key of its own,
 fold_in(fold_in(key, prompt index), sample index) folded with its step, and the experts run
-batch-invariant (``moe.batch_invariant``). So a sample's tokens, log-probs and finish reason depend
+batch-invariant (``m1jax.model.cpu.batch_invariant``). So a sample's tokens, log-probs and finish reason depend
 only on the key, its prompt and indices, the model and the engine's widths: never on the slot,
 its neighbours or the refill order, and continuous and static batching (``continuous=False``: a
 wave of samples, refilled only when all have finished) give the same samples bit for bit.
@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from m1jax import distributed
-from m1jax.model.moe import batch_invariant
+from m1jax.model.cpu import batch_invariant
 from m1jax.rollout.engine import (ERROR, LENGTH, REPETITION, RUNNING, STOP, Rollout, _jit, _loop_layout,
                                   left_pad, prefill)
 from m1jax.rollout.sampling import SamplingParams, sample
