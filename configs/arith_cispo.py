@@ -24,7 +24,7 @@ def get_config():
     # model learns addition in a jump whose step varies by hundreds between seeds, so a fixed step
     # count would start RL from very different models.
     c.sft = ml_collections.ConfigDict(dict(steps=1500, batch_size=64, stop_at_pass_at_1=0.3, eval_every=25,
-                                                stop_evals_in_a_row=1))
+                                           stop_evals_in_a_row=1))
     c.sft_optim = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
                                                  max_grad_norm=1.0))
     c.rl = ml_collections.ConfigDict(dict(

@@ -52,8 +52,9 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, decay_rate, positions, mask, cache=None, key_valid=None, expert_ids=None):
         """cache: this layer's entry of the hybrid cache (lightning: {"state"}; softmax: {"k", "v"})
-        or None; expert_ids: this layer's [batch, seq, top_k] routing to replay, or None. Returns (x, RouterStats, new entry or None): the new state of a lightning layer,
-        the new tokens' columns {"k", "v"} of a softmax layer (written into the cache by the model)."""
+        or None; expert_ids: this layer's [batch, seq, top_k] routing to replay, or None. Returns
+        (x, RouterStats, new entry or None): the new state of a lightning layer, the new tokens'
+        columns {"k", "v"} of a softmax layer (written into the cache by the model)."""
         a = self.input_norm(x)
         if self.layer_type == LINEAR:
             m, state = self.mixer(a, decay_rate, mask, None if cache is None else cache["state"])
@@ -168,7 +169,7 @@ class MiniMaxM1(nnx.Module):
         period, repeats, tail = cfg.pattern
         n = repeats * len(period)
         key_valid = None if cache is None else cache["key_valid"]  # the earlier tokens' columns
-        ids = None if expert_ids is None else expert_ids.astype(jnp.int32)
+        ids = expert_ids  # any integer dtype: the router casts (moe.route)
         x, stats, blocks_new = _run_stacked(
             self.blocks, x, rates[:n].reshape(repeats, len(period), -1), positions, attention_mask, cfg.remat,
             None if cache is None else cache["blocks"], key_valid,

@@ -42,16 +42,15 @@ def rollout_batch(prompts: Sequence[Sequence[int]], tokens, logprobs, lengths, w
 
 def routing_batch(prompts: Sequence[Sequence[int]], prompt_routing, routing, lengths, width: int) -> np.ndarray:
     """The sampler's recorded routing laid out like ``rollout_batch``'s rows, for routing replay:
-    [N, width, num_layers, top_k] (uint8 expert ids; 0 at padding). prompt_routing [N, W, L, k] is
-    each row's prompt routing left-padded to W (``Rollout.prompt_routing`` repeated per sample);
-    routing [N, M, L, k] the completion tokens'."""
-    prompt_routing, routing, lengths = np.asarray(prompt_routing), np.asarray(routing), np.asarray(lengths)
-    n, w = prompt_routing.shape[:2]
-    if routing.max(initial=0) > 255 or prompt_routing.max(initial=0) > 255:
+    [N, width, num_layers, top_k] (uint8 expert ids; 0 at padding). prompt_routing: per row its
+    prompt's routing [W, L, k] left-padded to W (a row of ``Rollout.prompt_routing``; the samples of a
+    prompt may share one array); routing [N, M, L, k] the completion tokens'."""
+    routing, lengths = np.asarray(routing), np.asarray(lengths)
+    if routing.max(initial=0) > 255:
         raise ValueError("routing_batch stores expert ids as uint8: at most 256 experts.")
-    out = np.zeros((n, width) + routing.shape[2:], np.uint8)
+    out = np.zeros((len(prompts), width) + routing.shape[2:], np.uint8)
     for i, (p, length) in enumerate(zip(prompts, lengths)):
         plen = len(p)
-        out[i, :plen] = prompt_routing[i, w - plen:]
+        out[i, :plen] = np.asarray(prompt_routing[i])[-plen:]
         out[i, plen: plen + length] = routing[i, :length]
     return out

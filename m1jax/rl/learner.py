@@ -164,9 +164,8 @@ class RLLearner:
                 kept_logp.append(r.logprobs[rows])
                 kept_len.append(r.lengths[rows])
                 kept_rewards.append(scores[i])
-                if cfg.routing_replay:  # the group's prompt routing (one per prompt) and its samples'
-                    kept_routing.append((np.repeat(np.asarray(r.prompt_routing[i: i + 1]), g, 0),
-                                         np.asarray(r.routing[rows])))
+                if cfg.routing_replay:  # the prompt's routing (shared by its G rows) and its samples'
+                    kept_routing.append(([np.asarray(r.prompt_routing[i])] * g, np.asarray(r.routing[rows])))
             n_gen += 1
         rewards = np.concatenate(all_rewards)
         metrics = {"reward_mean": rewards.mean(), "pass_rate": (rewards > 0).mean(), "groups_kept": len(kept_rewards),
@@ -179,7 +178,7 @@ class RLLearner:
                                       np.concatenate(kept_logp[:n]), np.concatenate(kept_len[:n]), self.width,
                                       self.pad_id)
             if cfg.routing_replay:
-                out.routing = routing_batch(kept_prompts[: n * g], np.concatenate([p for p, _ in kept_routing[:n]]),
+                out.routing = routing_batch(kept_prompts[: n * g], [row for p, _ in kept_routing[:n] for row in p],
                                             np.concatenate([c for _, c in kept_routing[:n]]),
                                             np.concatenate(kept_len[:n]), self.width)
             out.advantages = group_advantages(np.asarray(kept_rewards[:n]),
@@ -222,7 +221,7 @@ class RLLearner:
         for _ in range(cfg.updates_per_rollout):
             for rows in mb_rows:
                 w = token_weights(jnp.asarray(comp[rows]), jnp.asarray(np.unique(groups[rows], return_inverse=True)[1]),
-                                  self.loss_cfg.aggregation)
+                                  loss_cfg.aggregation)
                 m = self.fetch(cispo_step(self.model, self.optimizer, jnp.asarray(ids[rows]), jnp.asarray(comp[rows]),
                                           jnp.asarray(old[rows]), jnp.asarray(adv[rows]), w, loss_cfg,
                                           jnp.asarray(sampler_lp[rows]), temperature=cfg.temperature,

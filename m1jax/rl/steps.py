@@ -40,7 +40,8 @@ def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, 
     sampling temperature's distribution. max_grad_norm (a scalar array, optional): the gradient is
     clipped to this global norm before the optimizer (a length stage's clip; the optimizer's own clip
     comes after). expert_ids (optional [num_layers, B, T, top_k]): the sampler's routing, replayed
-    (R3: the MoE uses these experts, the router only weights them). Returns scalar metrics (grad_norm before clipping) and "ratio" [B, T-1] (r per token)."""
+    (R3: the MoE uses these experts, the router only weights them). Returns scalar metrics
+    (grad_norm before clipping) and "ratio" [B, T-1] (r per token)."""
     chex.assert_rank(ids, 2)
     targets = (ids.shape[0], ids.shape[1] - 1)
     chex.assert_shape([comp_mask, old_logp, weights] + ([] if sampler_logp is None else [sampler_logp]), targets)
