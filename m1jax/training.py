@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import os
 import time
 from typing import Any
@@ -49,7 +48,6 @@ class Setup:
     rl: RLConfig
     mesh: Any
     shards: int  # the mesh's batch shards
-    group_unit: int  # kept groups are trained on in multiples of this (even minibatches over the shards)
     task: tasks.Task  # the problems and their scoring (m1jax/data/tasks.py)
     sampling: SamplingParams | None = None  # RL rollouts' (rl.temperature, early truncation)
     windows: Any = None  # the length schedule (config.length)
@@ -81,9 +79,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         if rows % shards:
             raise ValueError(f"{key} = {rows} rows, not a multiple of the mesh's {shards} batch shards "
                              "(mesh.data * mesh.fsdp * mesh.expert): change one or the other.")
-    # With fewer kept groups than rl.prompts_per_step (dynamic sampling ran out of generation
-    # batches), train on a number of groups whose minibatches still split evenly over the shards.
-    group_unit = 1 if shards == 1 else shards * rl.minibatches // math.gcd(g, shards * rl.minibatches)
     # config.data (or an environment curriculum, config.curriculum) and its reward: data files are
     # read and checked here, unknown reward names fail here. config.length stages the window.
     task, windows = tasks.from_config(config), None
@@ -121,7 +116,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         raise ValueError(f"sft.stop_at_pass_at_1={stop_at} / sft.eval_every={eval_every} / sft.stop_evals_in_a_row="
                          f"{in_a_row}: the threshold must be in (0, 1], the interval and the count >= 1 (or set "
                          "stop_at_pass_at_1=None to run all sft.steps).")
-    return Setup(config, workdir, cfg, sft_optim, rl_optim, rl, mesh, shards, group_unit, task, sampling, windows,
+    return Setup(config, workdir, cfg, sft_optim, rl_optim, rl, mesh, shards, task, sampling, windows,
                  stop_at, eval_every, in_a_row)
 
 
@@ -238,7 +233,7 @@ def train_and_evaluate(s: Setup) -> dict:
 
     learner = RLLearner(model, rl_opt, rl, sample=lambda probs, n, key, window: sample(probs, s.sampling, n, key, window, rl.routing_replay),
                         score=score, problems=rl_it, width=width, max_new_tokens=task.max_new_tokens,
-                        pad_id=tok.pad_id, key=jax.random.key(config.seed), group_unit=s.group_unit, windows=windows,
+                        pad_id=tok.pad_id, key=jax.random.key(config.seed), windows=windows,
                         guard=guard, fetch=fetch)
 
     # ---------------------------------------------------------------- checkpoints (resume)

@@ -1,6 +1,8 @@
 """The trainer's view of the sampling policy (log-probs and entropy at temperature T) and the
 skipping of non-finite updates."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,10 @@ from flax import nnx
 
 from m1jax.model import MiniMaxM1, ModelConfig
 from m1jax.optim import OptimConfig, make_optimizer
-from m1jax.rl import PRESETS, token_weights
-from m1jax.rl.batch import rollout_batch, routing_batch
+from m1jax.rl import PRESETS, RLConfig, RLLearner, token_weights
+from m1jax.rl import learner as learner_module
+from m1jax.rl.batch import RLBatch, rollout_batch, routing_batch
+from m1jax.rl.learner import Collected
 from m1jax.rl.steps import cispo_step, policy_stats
 from m1jax.rollout import SamplingParams, generate
 
@@ -88,6 +92,51 @@ def test_a_stage_clip_bounds_the_gradient_before_the_optimizer():
     assert free == pytest.approx(gnorm, rel=1e-4) and gnorm > 0.1
     assert change_norm(gnorm / 4)[0] == pytest.approx(gnorm / 4, rel=1e-4)
     assert change_norm(gnorm * 4)[0] == pytest.approx(gnorm, rel=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "prompt_token_mean"])  # token_mean: as the first
+def test_a_step_with_fewer_groups_is_padded_and_updates_as_without_padding(aggregation, monkeypatch):
+    """One kept group of rl.prompts_per_step=4: the learner trains on a full step's 8 rows (the 6
+    padding rows have no completion token), so its jitted steps see one shape whatever the number of
+    kept groups; under SGD the update equals cispo_step on the 2 kept rows alone. (The router's
+    load-balancing loss counts every position, padding included: it is off here.)"""
+    cfg = dataclasses.replace(CFG, router_aux_loss_coef=0.0)
+    ids = np.asarray([[1, 5, 6, 7, 8, 9], [1, 8, 9, 10, 11, 0]], np.int32)
+    comp = np.zeros((2, 5), bool)
+    comp[0, 2:], comp[1, 1:4] = True, True
+    old, adv = np.where(comp, -0.7, 0.0).astype(np.float32), np.asarray([1.0, -1.0], np.float32)
+    rl = RLConfig(prompts_per_step=4, samples_per_prompt=2, minibatches=1, updates_per_rollout=1,
+                  aggregation=aggregation)
+    shapes = []  # of the ids each jitted step gets from the learner
+    stats, step = learner_module.policy_stats, learner_module.cispo_step
+    monkeypatch.setattr(learner_module, "policy_stats", lambda m, ids, *a, **k: shapes.append(ids.shape) or stats(
+        m, ids, *a, **k))
+    monkeypatch.setattr(learner_module, "cispo_step", lambda m, o, ids, *a, **k: shapes.append(ids.shape) or step(
+        m, o, ids, *a, **k))
+
+    def gradient(update):  # the gradient of the one update (the "optimizer" keeps it as its state)
+        keep = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                            lambda g, _, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+        model = MiniMaxM1(cfg, rngs=nnx.Rngs(2))
+        opt = nnx.Optimizer(model, keep, wrt=nnx.Param)
+        update(model, opt)
+        return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(opt.opt_state)))
+
+    def learner_update(model, opt):
+        lrn = RLLearner(model, opt, rl, sample=None, score=None, problems=None, width=6, max_new_tokens=4, pad_id=0,
+                        key=jax.random.key(0))
+        lrn.update(Collected({}, [], None, None, RLBatch(ids, comp, old), adv), step=0, rl_step=0)
+
+    def alone(model, opt):
+        w = token_weights(jnp.asarray(comp), jnp.asarray([0, 0]), aggregation)
+        cispo_step(model, opt, jnp.asarray(ids), jnp.asarray(comp), jnp.asarray(old), jnp.asarray(adv), w,
+                  rl.loss_config(), jnp.asarray(old))
+
+    got, want = gradient(learner_update), gradient(alone)
+    assert shapes == [(8, 6), (8, 6)]  # policy_stats, then the one update: a full step's rows
+    scale = max(np.abs(x).max() for x in jax.tree.leaves(want))  # float32 sums over 2 vs 8 rows differ by rounding
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), got, want)
+    assert scale > 1e-3
 
 
 def test_routing_replay_removes_the_gap_of_a_flipped_expert_choice():

@@ -13,6 +13,14 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 
+def pad_rows(x, n: int, fill=0) -> np.ndarray:
+    """x [N, ...] with rows of ``fill`` appended up to n rows (x itself when N >= n)."""
+    x = np.asarray(x)
+    if len(x) >= n:
+        return x
+    return np.concatenate([x, np.full((n - len(x),) + x.shape[1:], fill, x.dtype)])
+
+
 class RLBatch(NamedTuple):
     ids: np.ndarray  # [N, width] int32: prompt, completion, pad
     completion_mask: np.ndarray  # [N, width - 1] bool: targets that are completion tokens

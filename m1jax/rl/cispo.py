@@ -69,7 +69,8 @@ PRESETS = {
 def token_weights(mask, group_ids=None, aggregation: str = "token_mean"):
     """Weights w [B, T] with loss = sum(loss_t * w) over the optimizer batch.
 
-    token_mean: m / sum(m)  (the paper's 1 / sum_i |o_i|);  sequence_mean: m / (|o_i| * B);
+    token_mean: m / sum(m)  (the paper's 1 / sum_i |o_i|);  sequence_mean: m / (|o_i| * B), B the
+    sequences with tokens (a padding row has none and changes no weight);
     prompt_token_mean (the paper's "combined sample-level loss and token-level normalization",
     §5): each prompt group's tokens normalized by the group's token count, averaged over groups.
     mask [B, T] (1 = completion token); group_ids [B] (prompt index of each sequence).
@@ -79,7 +80,7 @@ def token_weights(mask, group_ids=None, aggregation: str = "token_mean"):
         return m / jnp.maximum(m.sum(), 1.0)
     lengths = m.sum(axis=1, keepdims=True)
     if aggregation == "sequence_mean":
-        return m / jnp.maximum(lengths, 1.0) / m.shape[0]
+        return m / jnp.maximum(lengths, 1.0) / jnp.maximum(jnp.sum(lengths > 0), 1)
     if group_ids is None:
         raise ValueError("prompt_token_mean aggregation needs group_ids.")
     onehot = jax.nn.one_hot(group_ids, m.shape[0], dtype=F32)  # at most B groups

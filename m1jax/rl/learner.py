@@ -18,7 +18,7 @@ import numpy as np
 
 from m1jax.model.config import ConfigError, dataclass_from_dict
 from m1jax.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
-from m1jax.rl.batch import RLBatch, rollout_batch, routing_batch
+from m1jax.rl.batch import RLBatch, pad_rows, rollout_batch, routing_batch
 from m1jax.rollout.engine import REPETITION
 from m1jax.rl.cispo import PRESETS, LossConfig, token_weights
 from m1jax.rl.steps import cispo_step, policy_stats
@@ -123,12 +123,12 @@ class RLLearner:
     max_new_tokens)`` -> a Rollout, ``score(problems, rollout, G)`` -> a rewards ScoreReport."""
 
     def __init__(self, model, optimizer, cfg: RLConfig, *, sample: Callable, score: Callable, problems: Iterator,
-                 width: int, max_new_tokens: int, pad_id: int, key, group_unit: int = 1, windows=None,
+                 width: int, max_new_tokens: int, pad_id: int, key, windows=None,
                  guard: NonFiniteGuard | None = None, fetch: Callable = jax.device_get):
         self.model, self.optimizer, self.cfg, self.loss_cfg = model, optimizer, cfg, cfg.loss_config()
         self.sample, self.score, self.problems = sample, score, problems
         self.width, self.max_new_tokens, self.pad_id = width, max_new_tokens, pad_id
-        self.key, self.group_unit = key, group_unit
+        self.key = key
         self.windows, self.guard, self.fetch = windows, guard or NonFiniteGuard(5), fetch
 
     def collect(self, window: int | None = None) -> Collected:
@@ -171,7 +171,7 @@ class RLLearner:
         metrics = {"reward_mean": rewards.mean(), "pass_rate": (rewards > 0).mean(), "groups_kept": len(kept_rewards),
                    "gen_batches": n_gen, "reward_failures": n_failures,
                    "repetition_frac": n_repetition / rewards.size}  # samples ended by early truncation
-        n = min(len(kept_rewards), cfg.prompts_per_step) // self.group_unit * self.group_unit
+        n = min(len(kept_rewards), cfg.prompts_per_step)
         out = Collected(metrics, problems, rewards, np.concatenate(lengths), None, None)
         if n:
             out.batch = rollout_batch(kept_prompts[: n * g], np.concatenate(kept_tokens[:n]),
@@ -190,10 +190,17 @@ class RLLearner:
         step's policy and update metrics (means over its updates, r's 99th percentile over their tokens)."""
         cfg, g = self.cfg, self.cfg.samples_per_prompt
         ids, comp, sampler_lp = collected.batch
-        lengths, adv = comp.sum(axis=1), collected.advantages  # completion tokens per row
+        n, full = ids.shape[0], cfg.prompts_per_step * g
+        lengths = comp.sum(axis=1)  # completion tokens per kept row
+        # The arrays always have a full step's rows, the missing groups' as padding rows with no
+        # completion token (no policy loss, weight or metric sees them; the router's load-balancing
+        # loss counts them, as it counts every row's padding positions), and every minibatch has
+        # full / minibatches rows: the jitted steps compile once, not once per number of kept groups.
+        ids, comp, sampler_lp = pad_rows(ids, full, self.pad_id), pad_rows(comp, full), pad_rows(sampler_lp, full)
+        adv = pad_rows(collected.advantages, full)
+        replay = None if collected.routing is None else pad_rows(collected.routing, full)  # [rows, width, L, k]
         rec = {}
         # The sampling policy on its own samples (the trainer's forward, before the updates).
-        replay = collected.routing  # [rows, width, layers, top_k] or None
 
         def expert_ids(rows=slice(None)):  # the rows' routing as the model takes it: [layers, rows, width, k]
             return None if replay is None else jnp.asarray(np.moveaxis(replay[rows], 2, 0))
@@ -216,7 +223,9 @@ class RLLearner:
         if self.windows:  # p99 length and generation perplexity of this step; may advance the window
             rec.update(self.windows.update(rl_step, lengths, sampler_lp[comp]))
         groups = np.repeat(np.arange(len(adv) // g), g)
-        mb_rows = np.array_split(np.random.default_rng(step).permutation(ids.shape[0]), cfg.minibatches)
+        padding = np.arange(n, full)
+        mb_rows = [np.concatenate([rows, padding[: full // cfg.minibatches - len(rows)]])
+                   for rows in np.array_split(np.random.default_rng(step).permutation(n), cfg.minibatches)]
         updates, ratios = [], []
         for _ in range(cfg.updates_per_rollout):
             for rows in mb_rows:
