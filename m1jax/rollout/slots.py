@@ -267,14 +267,15 @@ def generate_slots(model, prompts: Sequence[Sequence[int]], params: SamplingPara
                 if p not in prefilled:
                     prefilled[p] = prefill_prompt(p)
                 s = free.pop(0)
-                dev = _insert(dev, jnp.int32(s), *prefilled[p], key, jnp.int32(prompt_index[p]), jnp.int32(j),
-                              jnp.int32(limits[p, j]), width)
+                # numpy scalars: a jnp.int32(...) would cost a device transfer each, per sample
+                dev = _insert(dev, np.int32(s), *prefilled[p], key, np.int32(prompt_index[p]), np.int32(j),
+                              np.int32(limits[p, j]), width)
                 running[s] = (p, j)
                 left[p] -= 1
                 if not left[p]:
                     del prefilled[p]  # every sample of it has started
         want = len(free) + refill if continuous and pending else slots
-        dev, steps, tokens = _segment(graphdef, state, dev, jnp.int32(min(want, slots)), params, segment, width)
+        dev, steps, tokens = _segment(graphdef, state, dev, np.int32(min(want, slots)), params, segment, width)
         segments += 1
         active = np.asarray(distributed.fetch(dev["active"]))
         steps, tokens = int(steps), int(tokens)
