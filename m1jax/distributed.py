@@ -30,11 +30,31 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
             raise ValueError("a coordinator address needs num_processes and process_id too "
                              "(M1JAX_NUM_PROCESSES / M1JAX_PROCESS_ID or the flags).")
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
-        return True
-    if os.environ.get("M1JAX_DISTRIBUTED") == "auto":
+    elif os.environ.get("M1JAX_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
-        return True
-    return False
+    else:
+        return False
+    _orbax_barriers_without_collectives()
+    return True
+
+
+def _orbax_barriers_without_collectives():
+    """orbax's barrier between processes is by default a collective (a psum over every device), which
+    its async checkpoint thread runs while the training thread runs its own collectives: the two can
+    reach the processes in different orders, and the collectives then wait on each other for ever
+    (seen as a rare hang of a 2-process train.py). The jax.distributed client's barrier has no
+    collective, and a timeout."""
+    import sys
+
+    import orbax.checkpoint  # noqa: F401 -- defines the flag
+    from absl import flags
+
+    name = "experimental_orbax_use_distributed_barrier"
+    if name not in flags.FLAGS:  # an orbax without the choice
+        return
+    if not flags.FLAGS.is_parsed():  # a notebook or library caller: no command line of our own to parse
+        flags.FLAGS(sys.argv[:1], known_only=True)
+    flags.FLAGS[name].value = True
 
 
 def define_flags():

@@ -3,6 +3,7 @@ training step, and train.py and rollout.py launched as the same command on every
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,13 +44,20 @@ def test_two_processes_match_one():
     assert ref["losses"][-1] < ref["losses"][0]  # it trains
 
 
-def _two_processes(cmd, env):
+def _two_processes(cmd, env, timeout=600):
     """Run ``cmd`` as 2 processes x 4 CPU devices joined by jax.distributed (the --coordinator flags)."""
     port = str(_free_port())
     env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [subprocess.Popen([*cmd, f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "PYTHONFAULTHANDLER": "1"}) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:  # a hang: SIGABRT makes faulthandler print every thread's stack
+        for p in procs:
+            p.send_signal(signal.SIGABRT)
+        stacks = [p.communicate()[1][-6000:] for p in procs]
+        raise AssertionError("\n".join(f"process {i} hung; its stderr ends:\n{s}" for i, s in enumerate(stacks)))
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     return outs

@@ -194,10 +194,28 @@ def auto_meshes(cfg, chips: int, batch: int, seq_len: int, hbm: float) -> list:
     return fits + sorted((r for r in found if r[0] > 0.9 * hbm), key=lambda r: r[0])
 
 
+# Compile-only: libtpu reads these when its backend starts, and they keep it from probing for a TPU
+# host. main() restores them after, so that what its caller launches later (train.py in a
+# subprocess, say) does not take this machine for a TPU host.
+_COMPILE_ONLY_ENV = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
 def main(argv=None) -> int:
+    saved = {k: os.environ.get(k) for k in _COMPILE_ONLY_ENV}
+    for k, v in _COMPILE_ONLY_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        return _main(argv)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _main(argv) -> int:
     parser, a, overrides = _parse(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # silences libtpu's host probing; compile-only
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
     from m1jax import cli
     from m1jax.plan import aot
