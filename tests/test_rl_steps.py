@@ -133,10 +133,31 @@ def test_a_step_with_fewer_groups_is_padded_and_updates_as_without_padding(aggre
                   rl.loss_config(), jnp.asarray(old))
 
     got, want = gradient(learner_update), gradient(alone)
-    assert shapes == [(8, 6), (8, 6)]  # policy_stats, then the one update: a full step's rows
+    assert shapes == [(8, 6)]  # the one update, a full step's rows (pi_old is the sampler's: no extra forward)
     scale = max(np.abs(x).max() for x in jax.tree.leaves(want))  # float32 sums over 2 vs 8 rows differ by rounding
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), got, want)
     assert scale > 1e-3
+
+
+def test_a_steps_entropy_and_logprob_corr_are_of_the_policy_before_its_updates():
+    """With pi_old the sampler's, the learner takes the step's entropy and sampler-trainer log-prob
+    correlation from its first update's forward: they are policy_stats' on the parameters the step
+    started from (two passes of a large SGD step: the second pass's forward sees other values)."""
+    ids = np.asarray([[1, 5, 6, 7, 8, 9], [1, 8, 9, 10, 11, 0], [1, 9, 3, 4, 2, 0], [1, 2, 3, 4, 5, 6]], np.int32)
+    comp = np.zeros((4, 5), bool)
+    comp[:, 2:4], comp[0, 4], comp[3, 4] = True, True, True
+    model = MiniMaxM1(CFG, rngs=nnx.Rngs(2))
+    lp, entropy = jax.device_get(policy_stats(model, jnp.asarray(ids), 1.0))
+    sampler = np.where(comp, lp + 0.3 * np.random.default_rng(0).standard_normal(lp.shape), 0.0).astype(np.float32)
+    rl = RLConfig(prompts_per_step=2, samples_per_prompt=2, minibatches=1, updates_per_rollout=2)
+    lrn = RLLearner(model, nnx.Optimizer(model, optax.sgd(3.0), wrt=nnx.Param), rl, sample=None, score=None,
+                    problems=None, width=6, max_new_tokens=4, pad_id=0, key=jax.random.key(0))
+    rec = lrn.update(Collected({}, [], None, None, RLBatch(ids, comp, sampler), np.asarray([1, -1, 1, -1], np.float32)),
+                     step=0, rl_step=0)
+    after, after_entropy = jax.device_get(policy_stats(model, jnp.asarray(ids), 1.0))
+    assert abs(float(after_entropy[comp].mean()) - float(entropy[comp].mean())) > 1e-2  # the updates moved it
+    np.testing.assert_allclose(rec["entropy"], entropy[comp].mean(), rtol=1e-5)
+    np.testing.assert_allclose(rec["logprob_corr"], np.corrcoef(lp[comp], sampler[comp])[0, 1], rtol=1e-5)
 
 
 def test_routing_replay_removes_the_gap_of_a_flipped_expert_choice():

@@ -200,16 +200,18 @@ class RLLearner:
         adv = pad_rows(collected.advantages, full)
         replay = None if collected.routing is None else pad_rows(collected.routing, full)  # [rows, width, L, k]
         rec = {}
-        # The sampling policy on its own samples (the trainer's forward, before the updates).
 
         def expert_ids(rows=slice(None)):  # the rows' routing as the model takes it: [layers, rows, width, k]
             return None if replay is None else jnp.asarray(np.moveaxis(replay[rows], 2, 0))
 
-        lp_now, entropy = self.fetch(policy_stats(self.model, jnp.asarray(ids), cfg.temperature, expert_ids()))
-        rec["entropy"] = float(entropy[comp].mean())
-        rec["logprob_corr"] = float(np.corrcoef(lp_now[comp], sampler_lp[comp])[0, 1]) if comp.sum() > 1 else 1.0
+        def policy_metrics(lp_now, entropy, mask, sampler):  # the trainer's policy, before any update, vs the sampler
+            rec["entropy"] = float(entropy[mask].mean())
+            rec["logprob_corr"] = float(np.corrcoef(lp_now[mask], sampler[mask])[0, 1]) if mask.sum() > 1 else 1.0
+
         old = sampler_lp
         if cfg.old_logp == "recomputed":  # pi_old = the trainer's own forward before the updates
+            lp_now, entropy = self.fetch(policy_stats(self.model, jnp.asarray(ids), cfg.temperature, expert_ids()))
+            policy_metrics(lp_now, entropy, comp, sampler_lp)
             old = np.where(comp, lp_now, 0.0).astype(np.float32)
         # The length stage these samples were generated in: its clip and IS-weight cap (m1jax/envs/length.py)
         stage = self.windows.overrides() if self.windows else {}
@@ -236,6 +238,9 @@ class RLLearner:
                                           jnp.asarray(sampler_lp[rows]), temperature=cfg.temperature,
                                           max_grad_norm=clip, expert_ids=expert_ids(rows)))
                 self.guard(m["finite"], step)
+                lp_now, entropy = m.pop("logp"), m.pop("entropy")
+                if "entropy" not in rec and comp[rows].any():  # the first forward: the samples' parameters
+                    policy_metrics(lp_now, entropy, comp[rows], sampler_lp[rows])
                 ratios.append(m.pop("ratio")[comp[rows]])
                 updates.append(m)
         rec.update({k: float(np.mean([u[k] for u in updates]))

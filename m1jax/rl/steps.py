@@ -41,26 +41,29 @@ def cispo_step(model, optimizer, ids, comp_mask, old_logp, advantages, weights, 
     clipped to this global norm before the optimizer (a length stage's clip; the optimizer's own clip
     comes after). expert_ids (optional [num_layers, B, T, top_k]): the sampler's routing, replayed
     (R3: the MoE uses these experts, the router only weights them). Returns scalar metrics
-    (grad_norm before clipping) and "ratio" [B, T-1] (r per token)."""
+    (grad_norm before clipping), "ratio" [B, T-1] (r per token), and "logp" and "entropy" [B, T-1]:
+    log pi_T of the targets and pi_T's full-vocabulary entropy before this update (policy_stats'
+    values, from the loss's own forward)."""
     chex.assert_rank(ids, 2)
     targets = (ids.shape[0], ids.shape[1] - 1)
     chex.assert_shape([comp_mask, old_logp, weights] + ([] if sampler_logp is None else [sampler_logp]), targets)
     chex.assert_shape(advantages, (ids.shape[0],) if advantages.ndim == 1 else targets)
 
     def loss_fn(model):
-        lp, aux = token_logprobs(model, ids, temperature=temperature, expert_ids=expert_ids)
+        lp, entropy, aux = token_logprobs_and_entropy(model, ids, temperature=temperature, expert_ids=expert_ids)
         loss, metrics = cispo_loss(lp, old_logp, advantages, weights * comp_mask, cfg, sampler_logp)
         nll = -jnp.sum(lp * weights * comp_mask)  # weighted mean -log pi_T of the sampled tokens
-        return loss + model.cfg.router_aux_loss_coef * aux * jnp.sum(weights * comp_mask), (metrics, nll)
+        metrics.update(nll=nll, logp=jax.lax.stop_gradient(lp), entropy=jax.lax.stop_gradient(entropy))
+        return loss + model.cfg.router_aux_loss_coef * aux * jnp.sum(weights * comp_mask), metrics
 
-    (loss, (metrics, nll)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     if max_grad_norm is not None:  # as optax.clip_by_global_norm
         grads = jax.tree.map(lambda g: jnp.where(gnorm < max_grad_norm, g, g / gnorm * max_grad_norm), grads)
     optimizer.update(model, grads)  # the optax chain skips non-finite updates (optax.apply_if_finite)
     constrain_state(model)
-    return {"loss": loss, "grad_norm": gnorm, "finite": finite, "nll": nll, **metrics}
+    return {"loss": loss, "grad_norm": gnorm, "finite": finite, **metrics}
 
 
 @nnx.jit(static_argnames=("temperature",))
