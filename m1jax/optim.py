@@ -21,7 +21,7 @@ class OptimConfig:
     learning_rate: float = 1e-6
     warmup_steps: int = 0
     schedule: str = "constant"  # "constant" | "cosine"
-    total_steps: int = 0  # cosine: decay horizon (steps after warmup until min_lr_ratio)
+    total_steps: int = 0  # cosine: the schedule's length in updates, warmup included (min_lr_ratio there)
     min_lr_ratio: float = 0.0
     b1: float = 0.9
     b2: float = 0.95
@@ -50,7 +50,9 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.learning_rate)
     else:
-        after = optax.cosine_decay_schedule(cfg.learning_rate, cfg.total_steps, alpha=cfg.min_lr_ratio)
+        # from the end of the warmup to total_steps (at least one update: a run shorter than its warmup)
+        after = optax.cosine_decay_schedule(cfg.learning_rate, max(cfg.total_steps - cfg.warmup_steps, 1),
+                                            alpha=cfg.min_lr_ratio)
     if cfg.warmup_steps == 0:
         return after
     warm = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)

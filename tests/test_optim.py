@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from m1jax.optim import OptimConfig, make_optimizer
+from m1jax.optim import OptimConfig, make_optimizer, schedule
 
 
 def numpy_adamw(params, grads, lr, b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, max_grad_norm=1.0):
@@ -70,3 +70,19 @@ def test_a_non_finite_gradient_skips_the_step():
     without = run_chain(tx, params, good)
     np.testing.assert_array_equal(with_bad[1]["w"], 0.0)
     np.testing.assert_array_equal(with_bad[2]["w"], without[1]["w"])
+
+
+def test_cosine_schedule_spans_warmup_and_decay_and_survives_a_run_shorter_than_its_warmup():
+    """total_steps is the schedule's length, warmup included: linear from 0 over warmup_steps, then
+    a cosine down to min_lr_ratio x lr at total_steps, flat after. A run shorter than its warmup (a
+    test's 2-step override of a job's config) still builds a schedule."""
+    lr, warm, total, ratio = 3e-4, 2, 6, 0.1
+    sched = schedule(OptimConfig(learning_rate=lr, warmup_steps=warm, schedule="cosine", total_steps=total,
+                                 min_lr_ratio=ratio))
+    want = [lr * t / warm if t < warm else
+            lr * (ratio + (1 - ratio) * 0.5 * (1 + np.cos(np.pi * min(t - warm, total - warm) / (total - warm))))
+            for t in range(9)]
+    np.testing.assert_allclose([float(sched(t)) for t in range(9)], want, rtol=1e-6)
+    short = schedule(OptimConfig(learning_rate=lr, warmup_steps=20, schedule="cosine", total_steps=4,
+                                 min_lr_ratio=ratio))
+    assert np.isclose(float(short(3)), lr * 3 / 20) and np.isclose(float(short(25)), lr * ratio)

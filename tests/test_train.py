@@ -118,7 +118,7 @@ def test_sft_stops_at_the_pass_at_1_threshold_and_resumes_after_it(tmp_path, cap
     a run that crashes during RL resumes with the same SFT end."""
     (tmp_path / "r.py").write_text(ALWAYS_RIGHT)
     args = ["--config.sft.steps=40", "--config.sft.eval_every=3", "--config.sft.stop_at_pass_at_1=0.5",
-            f"--config.rl.reward={tmp_path / 'r.py'}:always_right"]
+            "--config.sft.stop_evals_in_a_row=1", f"--config.rl.reward={tmp_path / 'r.py'}:always_right"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     train_here(full, *args)
     assert "SFT ended at step 3" in capsys.readouterr().out
