@@ -64,7 +64,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     if config.get("init_from"):
         cfg = init_config(config.init_from, cfg)
     sft_optim = OptimConfig.from_dict(config.sft_optim.to_dict(), "sft_optim")
-    rl_optim = OptimConfig.from_dict(config.rl_optim.to_dict(), "rl_optim")
+    opt = config.rl_optim.to_dict()
+    if config.rl.steps == 0 and opt.get("schedule") == "cosine":  # no RL update runs: any length will do
+        opt["total_steps"] = max(opt.get("total_steps", 0), 1)
+    rl_optim = OptimConfig.from_dict(opt, "rl_optim")
     rl = RLConfig.from_dict(config.rl.to_dict())
     check_engine_config(config.get("rollout", {}))
     print(f"objective: {rl.loss_config().describe()}", flush=True)

@@ -233,7 +233,8 @@ def test_jsonl_math_task_with_math_verify_and_a_failing_user_reward(tmp_path):
         [sys.executable, "train.py", f"--workdir={tmp_path / 'run'}", "--config=configs/math_jsonl.py",
          f"--config.data.path={train}", f"--config.data.eval_path={held_out}", "--config.data.eval_size=8",
          "--config.data.max_prompt_tokens=24", "--config.data.max_new_tokens=4", "--config.sft.steps=30",
-         "--config.sft.batch_size=16", "--config.rl.steps=2", "--config.rl.prompts_per_step=4",
+         "--config.sft.batch_size=16", "--config.sft.eval_every=25",
+         "--config.sft.stop_evals_in_a_row=1", "--config.rl.steps=2", "--config.rl.prompts_per_step=4",
          "--config.rl.samples_per_prompt=2", "--config.rl.dynamic_sampling=False", "--config.log_every=10",
          f"--config.rl.reward={tmp_path / 'my_reward.py'}:flaky_math", "--config.rl.reward_timeout_s=2"],
         capture_output=True, text=True, timeout=900, env=lean_env(ENV, allow=("math_verify",)))  # the .[math] extra
