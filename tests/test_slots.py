@@ -120,3 +120,31 @@ def test_continuous_equals_static_on_the_mesh(model):
         greedy = _run(sharded, GREEDY).rollout
     _equal(cont.rollout, static.rollout)
     np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(_run(model, GREEDY).rollout.tokens))
+
+
+def test_a_sampling_call_hashes_the_model_structure_once_per_split(model, monkeypatch):
+    """jit hashes its static arguments on every call, and an nnx GraphDef hashes by walking the
+    whole model: the engine hands its programs the graphdef and treedef interned and hashed once
+    (engine._Static), so a sampling call's hundreds of prefills, inserts and segments never walk
+    the model again; the cached split goes away with its State (no parameters are kept alive)."""
+    import gc
+
+    from m1jax.rollout import engine
+
+    _run(model, GREEDY)  # compiled
+    graphdef_type = type(nnx.split(model)[0])
+    calls = []
+    real_hash, real_eq = graphdef_type.__hash__, graphdef_type.__eq__
+    monkeypatch.setattr(graphdef_type, "__hash__", lambda self: calls.append("hash") or real_hash(self))
+    monkeypatch.setattr(graphdef_type, "__eq__", lambda self, o: calls.append("eq") or real_eq(self, o))
+    run = _run(model, GREEDY)
+    assert run.segments > 3 and len(PROMPTS) > 3  # many programs ran ...
+    assert len(calls) <= 2, calls  # ... and the model's structure was hashed / compared once (a new split)
+    monkeypatch.undo()
+    before = len(engine._split)
+    graphdef, state = nnx.split(model)
+    engine._flat_split(graphdef, state)
+    assert len(engine._split) == before + 1
+    del state
+    gc.collect()
+    assert len(engine._split) == before

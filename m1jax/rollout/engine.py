@@ -9,6 +9,8 @@ prefills each prompt once and forks its cache to ``num_samples`` sequences.
 from __future__ import annotations
 
 import functools
+import inspect
+import weakref
 from typing import NamedTuple, Sequence
 
 import jax
@@ -118,26 +120,84 @@ def _compiler_options(cfg) -> dict:
     return options
 
 
+class _Static:
+    """A static jit argument hashed once. jit hashes its static arguments on every call, and an nnx
+    GraphDef (or a State's treedef) hashes by walking the whole model: about a millisecond, paid
+    by each of the hundreds of prefills, inserts and decode segments of one sampling call."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, _Static) and self._hash == other._hash and self.value == other.value)
+
+    @classmethod
+    def of(cls, value) -> "_Static":
+        """The one _Static of values equal to ``value``: jit compares a call's static arguments with
+        those of its cached programs, and the same object compares without walking the model."""
+        new = cls(value)
+        return _interned.setdefault(new, new)
+
+
+_interned: dict = {}  # _Static -> itself: one object per distinct model structure
+_split = {}  # id(state) -> (graphdef, _Static(graphdef), _Static(treedef), leaves) while the state lives
+
+
+def _flat_split(graphdef, state):
+    """(graphdef, treedef, leaves) of a split model, computed once per State object: a sampling call
+    passes the same (graphdef, state) to every program it runs. The entry goes with the state."""
+    entry = _split.get(id(state))
+    if entry is None or entry[0] is not graphdef:
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        entry = (graphdef, _Static.of(graphdef), _Static.of(treedef), leaves)
+        if id(state) not in _split:
+            weakref.finalize(state, _split.pop, id(state), None)
+        _split[id(state)] = entry
+    return entry[1:]
+
+
 def _jit(**jit_kw):
-    """jax.jit of fn(graphdef, state, ...), compiled with ``_compiler_options`` for its model."""
+    """jax.jit of fn(graphdef, state, ...), compiled with ``_compiler_options`` for its model. The
+    compiled function takes the state as its flat leaves and the graphdef and treedef hashed once
+    (``_flat_split``): what jit checks on each call is then the leaves, not the model's structure."""
 
     def wrap(fn):
+        def flat(graphdef, treedef, leaves, *args, **kwargs):
+            return fn(graphdef.value, jax.tree_util.tree_unflatten(treedef.value, leaves), *args, **kwargs)
+
+        params = list(inspect.signature(fn).parameters.values())  # (graphdef, state, ...)
+        flat.__signature__ = inspect.Signature(
+            [params[0], inspect.Parameter("treedef", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+             inspect.Parameter("leaves", inspect.Parameter.POSITIONAL_OR_KEYWORD), *params[2:]])
+        static = tuple(jit_kw.pop("static_argnames", ())) + ("treedef",)
+
         @functools.cache
         def jitted(options):
-            return jax.jit(fn, compiler_options=dict(options), **jit_kw)
+            return jax.jit(flat, compiler_options=dict(options), static_argnames=static, **jit_kw)
 
         options = {}  # graphdef -> its model's options (static: merging the model once is enough)
 
         def for_model(graphdef, state):
-            if graphdef not in options:
-                options[graphdef] = tuple(sorted(_compiler_options(nnx.merge(graphdef, state).cfg).items()))
-            return jitted(options[graphdef])
+            g, treedef, leaves = _flat_split(graphdef, state)
+            if g not in options:
+                options[g] = tuple(sorted(_compiler_options(nnx.merge(graphdef, state).cfg).items()))
+            return jitted(options[g]), (g, treedef, leaves)
 
         @functools.wraps(fn)
         def call(graphdef, state, *args, **kwargs):
-            return for_model(graphdef, state)(graphdef, state, *args, **kwargs)
+            f, split = for_model(graphdef, state)
+            return f(*split, *args, **kwargs)
 
-        call.lower = lambda graphdef, state, *a, **kw: for_model(graphdef, state).lower(graphdef, state, *a, **kw)
+        def lower(graphdef, state, *args, **kwargs):
+            f, split = for_model(graphdef, state)
+            return f.lower(*split, *args, **kwargs)
+
+        call.lower = lower
         return call
 
     return wrap
