@@ -29,7 +29,7 @@ def get_config():
     c.sft_optim = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
                                                  max_grad_norm=1.0))
     c.rl = ml_collections.ConfigDict(dict(
-        steps=180, prompts_per_step=32, samples_per_prompt=8, updates_per_rollout=1, minibatches=2,
+        steps=150, prompts_per_step=32, samples_per_prompt=8, updates_per_rollout=1, minibatches=2,
         temperature=1.0, loss="cispo", is_weight_max=5.0, aggregation="token_mean", advantage_std="group",
         dynamic_sampling=True, max_gen_batches=3, reward="exact_match", reward_timeout_s=5.0,
         # pi_old: the sampler's log-probs, or the trainer's forward before the updates (then tis_cap

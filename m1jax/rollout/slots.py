@@ -116,22 +116,29 @@ def _fresh_entry(name: str, big, small, s, at):
 
 
 @functools.partial(jax.jit, static_argnames=("prompt_width",), donate_argnames=("slots",))
-def _insert(slots, s, cache, last, n_real, key, prompt_index, sample_index, limit, prompt_width: int):
-    """Slot s := a fresh sample of a prefilled prompt (row 0 of ``cache``, its bucket's width):
-    its lightning states and KV columns copied in, the key mask and every counter reset."""
+def _insert(slots, s, count, cache, last, n_real, key, prompt_index, sample_index, limit, prompt_width: int):
+    """Slots s[:count] := fresh samples sample_index[:count] of one prefilled prompt (row 0 of
+    ``cache``, its bucket's width), with limits limit[:count]: its lightning states and KV columns
+    copied in, the key mask and every counter reset. s, sample_index, limit: [k] (k: the compiled
+    size, entries past count ignored), one call for all of a prompt's samples that start now."""
     at = prompt_width - cache["key_valid"].shape[1]  # the prompt's columns end where the completion's begin
-    out = dict(slots)
-    out["cache"] = jax.tree_util.tree_map_with_path(
-        lambda path, big, small: _fresh_entry(_per_slot(path), big, small, s, at), slots["cache"], cache)
-    sample_key = jax.random.fold_in(jax.random.fold_in(key, prompt_index), sample_index)
-    out["key"] = slots["key"].at[s].set(jax.random.key_data(sample_key))
-    out["last"] = slots["last"].at[s].set(last[0])
-    for name, value in (("t", 0), ("n_real", n_real[0]), ("limit", limit), ("run", 0), ("reason", RUNNING)):
-        out[name] = slots[name].at[s].set(value)
-    out["active"] = slots["active"].at[s].set(True)
-    for name in ("tokens", "logprobs", "logprobs_truncated") + (("routing",) if "routing" in slots else ()):
-        out[name] = slots[name].at[s].set(0)
-    return out
+    base = jax.random.fold_in(key, prompt_index)
+
+    def one(i, slots):
+        si = s[i]
+        out = dict(slots)
+        out["cache"] = jax.tree_util.tree_map_with_path(
+            lambda path, big, small: _fresh_entry(_per_slot(path), big, small, si, at), slots["cache"], cache)
+        out["key"] = slots["key"].at[si].set(jax.random.key_data(jax.random.fold_in(base, sample_index[i])))
+        out["last"] = slots["last"].at[si].set(last[0])
+        for name, value in (("t", 0), ("n_real", n_real[0]), ("limit", limit[i]), ("run", 0), ("reason", RUNNING)):
+            out[name] = slots[name].at[si].set(value)
+        out["active"] = slots["active"].at[si].set(True)
+        for name in ("tokens", "logprobs", "logprobs_truncated") + (("routing",) if "routing" in slots else ()):
+            out[name] = slots[name].at[si].set(0)
+        return out
+
+    return jax.lax.fori_loop(0, count, one, slots)
 
 
 @_jit(static_argnames=("graphdef", "params", "steps", "prompt_width"), donate_argnames=("slots",))
@@ -263,15 +270,21 @@ def generate_slots(model, prompts: Sequence[Sequence[int]], params: SamplingPara
     while pending or running:
         if continuous or not running:
             while free and pending:
-                p, j = pending.popleft()
+                p = pending[0][0]
                 if p not in prefilled:
                     prefilled[p] = prefill_prompt(p)
-                s = free.pop(0)
-                # numpy scalars: a jnp.int32(...) would cost a device transfer each, per sample
-                dev = _insert(dev, np.int32(s), *prefilled[p], key, np.int32(prompt_index[p]), np.int32(j),
-                              np.int32(limits[p, j]), width)
-                running[s] = (p, j)
-                left[p] -= 1
+                # the samples of prompt p that start now: one insert for all of them
+                starting = []
+                while free and pending and pending[0][0] == p:
+                    starting.append((free.pop(0), pending.popleft()[1]))
+                # numpy arrays of the compiled size g: a jnp.int32(...) would cost a device transfer each
+                at, js, lim = np.zeros((3, g), np.int32)
+                for i, (s, j) in enumerate(starting):
+                    at[i], js[i], lim[i] = s, j, limits[p, j]
+                    running[s] = (p, j)
+                dev = _insert(dev, at, np.int32(len(starting)), *prefilled[p], key, np.int32(prompt_index[p]), js, lim,
+                              width)
+                left[p] -= len(starting)
                 if not left[p]:
                     del prefilled[p]  # every sample of it has started
         want = len(free) + refill if continuous and pending else slots
