@@ -57,7 +57,7 @@ def get_config():
     # and the sampler then differs from the trainer: see rl.old_logp / rl.tis_cap).
     c.rollout = ml_collections.ConfigDict(dict(engine="continuous", slots=0, kv_dtype=""))
     # every 100 steps: a save of the model and both optimizers costs about 0.8 s here (2 cores), so
-    # every 20 steps cost ~45 s of a 10-minute job; a crash loses at most ~40 s of work.
+    # every 20 steps cost ~45 s of the job; a crash loses at most 100 steps (about 1-3 minutes).
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2))
     # The devices sampling and training share (m1jax.sharding): sizes of (data, fsdp, expert, tensor),
     # one of them may be -1 (the devices the others leave); e.g. --config.mesh.data=-1 on a TPU host.

@@ -174,11 +174,11 @@ def _jit(**jit_kw):
         flat.__signature__ = inspect.Signature(
             [params[0], inspect.Parameter("treedef", inspect.Parameter.POSITIONAL_OR_KEYWORD),
              inspect.Parameter("leaves", inspect.Parameter.POSITIONAL_OR_KEYWORD), *params[2:]])
-        static = tuple(jit_kw.pop("static_argnames", ())) + ("treedef",)
+        kw = {**jit_kw, "static_argnames": (*jit_kw.get("static_argnames", ()), "treedef")}
 
         @functools.cache
         def jitted(options):
-            return jax.jit(flat, compiler_options=dict(options), static_argnames=static, **jit_kw)
+            return jax.jit(flat, compiler_options=dict(options), **kw)
 
         options = {}  # graphdef -> its model's options (static: merging the model once is enough)
 

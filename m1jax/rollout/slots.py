@@ -277,12 +277,12 @@ def generate_slots(model, prompts: Sequence[Sequence[int]], params: SamplingPara
                 starting = []
                 while free and pending and pending[0][0] == p:
                     starting.append((free.pop(0), pending.popleft()[1]))
-                # numpy arrays of the compiled size g: a jnp.int32(...) would cost a device transfer each
-                at, js, lim = np.zeros((3, g), np.int32)
+                # host arrays padded to g entries: the insert compiles once per prompt bucket
+                into, js, lim = np.zeros((3, g), np.int32)
                 for i, (s, j) in enumerate(starting):
-                    at[i], js[i], lim[i] = s, j, limits[p, j]
+                    into[i], js[i], lim[i] = s, j, limits[p, j]
                     running[s] = (p, j)
-                dev = _insert(dev, at, np.int32(len(starting)), *prefilled[p], key, np.int32(prompt_index[p]), js, lim,
+                dev = _insert(dev, into, np.int32(len(starting)), *prefilled[p], key, np.int32(prompt_index[p]), js, lim,
                               width)
                 left[p] -= len(starting)
                 if not left[p]:
