@@ -42,6 +42,9 @@ def get_config():
         repetition_prob=ml_collections.config_dict.placeholder(float),
         routing_replay=False,  # R3: the trainer's MoE uses the sampler's recorded experts
     ))
+    # dynamic sampling draws 1.5x the step's prompts per generation batch: about 80% of groups have
+    # signal, so one batch (48 prompts x 8) usually fills the step, where batches of 32 took two.
+    c.rl.gen_prompts = c.rl.get_ref("prompts_per_step") * 3 // 2
     # RL's learning rate (per optimizer update: rl.minibatches x rl.updates_per_rollout per RL step):
     # a linear warmup (a fresh Adam's first updates are lr-sized in every parameter: without it the
     # sampled reward dropped from 0.40 to 0.16 in 4 steps), then a cosine decay to 10% at the last RL

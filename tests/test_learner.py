@@ -72,6 +72,24 @@ def test_without_signal_the_step_has_no_batch_and_stops_at_max_gen_batches():
     np.testing.assert_array_equal(out.advantages, 0)
 
 
+def test_gen_prompts_oversamples_one_batch_and_trains_on_the_first_kept_groups():
+    cfg = RLConfig(prompts_per_step=2, samples_per_prompt=2, minibatches=1, gen_prompts=4)
+    # one batch of 4 problems: groups 0, 2 and 3 have signal; the step trains on groups 0 and 2
+    sample, score, calls = scripted([[[1, 0], [1, 1], [0, 1], [1, 0]]])
+    out = learner(cfg, sample, score).collect()
+    assert calls["sample"] == [(4, 2, None)]
+    assert out.metrics["gen_batches"] == 1 and out.metrics["groups_kept"] == 3
+    assert out.rewards.shape == (4, 2) and out.batch.ids.shape[0] == 4  # 2 groups x G rows
+    np.testing.assert_allclose(out.advantages, [1, -1, -1, 1], atol=1e-5)
+    ids = out.batch.ids
+    assert ids[0, 2] == 3 and ids[2, 2] == 5  # problems 0 and 2 (prompt [1, 2, i % 5 + 3])
+    # without dynamic sampling every group is kept: a batch draws prompts_per_step problems
+    sample, score, calls = scripted([[[1, 1], [0, 0]]])
+    learner(RLConfig(prompts_per_step=2, samples_per_prompt=2, minibatches=1, gen_prompts=4, dynamic_sampling=False),
+            sample, score).collect()
+    assert calls["sample"] == [(2, 2, None)]
+
+
 def test_overlong_penalty_uses_the_window_and_each_batch_gets_a_fresh_key():
     cfg = RLConfig(prompts_per_step=1, samples_per_prompt=2, minibatches=1, dynamic_sampling=False,
                    overlong_cache_len=2)
@@ -93,6 +111,7 @@ def test_overlong_penalty_uses_the_window_and_each_batch_gets_a_fresh_key():
     (dict(repetition_prob=1.0), "rl.repetition_prob=1.0"),
     (dict(samples_per_prompt=0), "rl.samples_per_prompt=0"),
     (dict(old_logp="new"), "rl.old_logp='new'"),
+    (dict(gen_prompts=0), "rl.gen_prompts=0"),
 ])
 def test_rl_config_refuses_what_cannot_run(kw, msg):
     with pytest.raises(ConfigError, match=msg):

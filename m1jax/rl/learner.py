@@ -38,6 +38,11 @@ class RLConfig:
     advantage_std: str = "group"
     dynamic_sampling: bool = True  # DAPO: keep only groups whose rewards differ
     max_gen_batches: int = 3  # generation batches per step at most, while too few groups have signal
+    # Problems drawn per generation batch with dynamic sampling (DAPO's generation batch size; None:
+    # prompts_per_step). Drawing more than prompts_per_step usually fills a step in one batch instead
+    # of two; the groups with signal past prompts_per_step are dropped. Without dynamic sampling every
+    # batch draws prompts_per_step problems (all are kept).
+    gen_prompts: int | None = None
     reward: str = "exact_match"
     reward_timeout_s: float = 5.0
     # pi_old: the sampler's log-probs, or the trainer's forward before the updates (then tis_cap adds
@@ -68,6 +73,10 @@ class RLConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "steps" else 1):
                 raise ConfigError(f"rl.{key}={value!r}: must be an integer >= {0 if key == 'steps' else 1}.")
+        if self.gen_prompts is not None and (isinstance(self.gen_prompts, bool) or not isinstance(self.gen_prompts, int)
+                                             or self.gen_prompts < 1):
+            raise ConfigError(f"rl.gen_prompts={self.gen_prompts!r}: must be an integer >= 1, or None "
+                              "(rl.prompts_per_step problems per generation batch).")
         if self.prompts_per_step % self.minibatches:
             raise ConfigError(f"rl.minibatches={self.minibatches} must divide rl.prompts_per_step="
                               f"{self.prompts_per_step}.")
@@ -132,15 +141,17 @@ class RLLearner:
         self.windows, self.guard, self.fetch = windows, guard or NonFiniteGuard(5), fetch
 
     def collect(self, window: int | None = None) -> Collected:
-        """Generation batches of ``prompts_per_step`` problems x G samples until ``prompts_per_step``
-        groups have signal (all with dynamic sampling off) or ``max_gen_batches`` ran; each sample at
-        most ``window`` tokens (None: ``max_new_tokens``, the task's limit)."""
+        """Generation batches of ``gen_prompts`` problems (``prompts_per_step`` if None or without
+        dynamic sampling) x G samples until ``prompts_per_step`` groups have signal (all do with
+        dynamic sampling off) or ``max_gen_batches`` ran; each sample at most ``window`` tokens (None:
+        ``max_new_tokens``, the task's limit). The first ``prompts_per_step`` kept groups form the batch."""
         cfg, g = self.cfg, self.cfg.samples_per_prompt
+        draw = (cfg.gen_prompts if cfg.dynamic_sampling else None) or cfg.prompts_per_step
         problems, lengths, all_rewards = [], [], []
         kept_prompts, kept_tokens, kept_logp, kept_len, kept_rewards, kept_routing = [], [], [], [], [], []
         n_gen = n_failures = n_repetition = 0
         while len(kept_rewards) < cfg.prompts_per_step and n_gen < cfg.max_gen_batches:
-            probs = [next(self.problems) for _ in range(cfg.prompts_per_step)]
+            probs = [next(self.problems) for _ in range(draw)]
             self.key, sub = jax.random.split(self.key)
             r = self.sample(probs, g, sub, window)
             problems += probs
