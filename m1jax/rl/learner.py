@@ -69,14 +69,12 @@ class RLConfig:
             raise ConfigError("rl.tis_cap needs rl.old_logp='recomputed' (with sampler log-probs as pi_old the "
                               "sampler correction is already inside the CISPO ratio: it would count twice).")
         for key in ("steps", "prompts_per_step", "samples_per_prompt", "updates_per_rollout", "minibatches",
-                    "max_gen_batches"):
+                    "max_gen_batches", "gen_prompts"):
             value = getattr(self, key)
+            if key == "gen_prompts" and value is None:  # None: prompts_per_step
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "steps" else 1):
                 raise ConfigError(f"rl.{key}={value!r}: must be an integer >= {0 if key == 'steps' else 1}.")
-        if self.gen_prompts is not None and (isinstance(self.gen_prompts, bool) or not isinstance(self.gen_prompts, int)
-                                             or self.gen_prompts < 1):
-            raise ConfigError(f"rl.gen_prompts={self.gen_prompts!r}: must be an integer >= 1, or None "
-                              "(rl.prompts_per_step problems per generation batch).")
         if self.prompts_per_step % self.minibatches:
             raise ConfigError(f"rl.minibatches={self.minibatches} must divide rl.prompts_per_step="
                               f"{self.prompts_per_step}.")
